@@ -1,0 +1,831 @@
+"""The OpenVLA network as plain torch modules: fused DINOv2 + SigLIP ViTs -> MLP projector -> Llama-2 decoder.
+
+    from model import VLA
+    vla = VLA.from_pretrained("checkpoints/openvla-7b", dtype=torch.bfloat16, device="cuda")  # hub layout, on disk
+    action = vla.predict_action(image, "pick up the cup", unnorm_key="bridge_orig")          # np.ndarray (7,)
+    vla.save_pretrained("out/")                                                               # same layout back
+
+    python -c "from model import VLA; print(VLA.build('tiny'))"    # any named config, random weights, no download
+
+Module and parameter names mirror the released checkpoint (`vision_backbone.featurizer.blocks.0.attn.qkv.weight`,
+`projector.fc1.weight`, `language_model.model.layers.0.self_attn.q_proj.weight`, ...), so loading is a strict
+state-dict load with no rename table. Shapes in comments are for openvla-7b: P = 256 patches, D = 4096.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenizer import (
+    IGNORE_INDEX, ActionTokenizer, action_dim, build_prompt, build_text_tokenizer, empty_piece_id,
+    load_text_tokenizer, resolve_unnorm_key, save_text_tokenizer, unnormalize_actions,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs: plain dataclasses and one dict of named sizes
+
+
+@dataclass
+class ViTConfig:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_hidden: int
+    kind: str  # "dinov2" (cls + 4 registers, LayerScale) or "siglip" (no prefix tokens, attention-pool head)
+    patch_size: int = 14
+    image_size: int = 224
+
+
+@dataclass
+class LlamaConfig:
+    # Defaults are transformers 4.40.1's LlamaConfig defaults (= Llama-2-7B sizes): the release's text_config holds
+    # only the fields that differ from them, so absent fields take these values (rms_norm_eps 1e-6, not Llama-2's 1e-5).
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class VLAConfig:
+    vision_backbone_id: str
+    vision: list[ViTConfig]  # [DINOv2, SigLIP] for fused backbones, one entry otherwise
+    llm: LlamaConfig
+    pad_to_multiple_of: int = 64
+    n_action_bins: int = 256
+    pad_token_id: int = 32000
+    norm_stats: dict = field(default_factory=dict)
+    # Per-view (mean, std) that actually run: the release's preprocessor_config.json holds bf16-rounded DINOv2
+    # constants in tvf_normalize_params (its converter ran with torch's default dtype set to bfloat16).
+    image_norm: list = field(default_factory=list)
+    arch_specifier: str = "no-align+fused-gelu-mlp"
+    llm_backbone_id: str = "llama2-7b-pure"
+    hf_llm_id: str = "meta-llama/Llama-2-7b-hf"
+
+
+DINO_L = ViTConfig(1024, 24, 16, 4096, "dinov2")  # vit_large_patch14_reg4_dinov2.lvd142m
+SIGLIP_SO = ViTConfig(1152, 27, 16, 4304, "siglip")  # vit_so400m_patch14_siglip_224: mlp int(1152 * 3.7362)
+DINO_NORM = ([0.484375, 0.455078125, 0.40625], [0.228515625, 0.2236328125, 0.224609375])  # bf16(ImageNet mean/std)
+SIGLIP_NORM = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+
+# vision_backbone_id -> (timm ids, [(ViTConfig, normalization)]), REFERENCE.md 2.1. CLIP-based ids need quick-gelu and
+# a cls token with norm_pre; they are not used by any OpenVLA release and are rejected with a clear error.
+BACKBONES = {
+    "dinosiglip-vit-so-224px": (["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+                                [(DINO_L, DINO_NORM), (SIGLIP_SO, SIGLIP_NORM)], 224),
+    "dinosiglip-vit-so-384px": (["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_384"],
+                                [(DINO_L, DINO_NORM), (SIGLIP_SO, SIGLIP_NORM)], 384),
+    "siglip-vit-so400m": (["vit_so400m_patch14_siglip_224"], [(SIGLIP_SO, SIGLIP_NORM)], 224),
+    "siglip-vit-so400m-384px": (["vit_so400m_patch14_siglip_384"], [(SIGLIP_SO, SIGLIP_NORM)], 384),
+    "dinov2-vit-l": (["vit_large_patch14_reg4_dinov2.lvd142m"], [(DINO_L, DINO_NORM)], 224),
+}
+
+
+def _config(backbone_id, vits, llm, **kw):
+    timm_ids, views, size = BACKBONES[backbone_id]
+    vision = [replace(v, image_size=size) for v in vits]
+    arch = "no-align+fused-gelu-mlp" if len(views) == 2 else "no-align+gelu-mlp"
+    return VLAConfig(backbone_id, vision, llm, image_norm=[norm for _, norm in views], arch_specifier=arch, **kw)
+
+
+CONFIGS = {
+    # The released model (REFERENCE.md 1.4): 7,541,237,184 parameters.
+    "openvla-7b": _config("dinosiglip-vit-so-224px", [DINO_L, SIGLIP_SO], LlamaConfig(vocab_size=32064)),
+    # Real-size ViTs and a ~1B Llama-shaped decoder: a realistic CPU benchmark.
+    "mid": _config("dinosiglip-vit-so-224px", [DINO_L, SIGLIP_SO],
+                   LlamaConfig(32064, 2048, 5504, 18, 16)),
+    # The golden fixture's sizes (../shared/fixtures/openvla-tiny) and the demo model.
+    "tiny": _config("dinosiglip-vit-so-224px", [ViTConfig(32, 3, 2, 128, "dinov2"), ViTConfig(48, 3, 3, 179, "siglip")],
+                    LlamaConfig(32064, 64, 172, 2, 4)),
+}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision: timm-style ViT blocks (timm 0.9.10 VisionTransformer), written out
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # fused q, k, v with bias
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, C)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # no mask: every patch sees every patch
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact erf GELU in both ViTs (timm 0.9.10 SigLIP included), REFERENCE.md 2.2
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    # timm calls the parameter `gamma`; the release renamed it `scale_factor` (transformers rewrites "gamma" keys).
+    def __init__(self, dim):
+        super().__init__()
+        self.scale_factor = nn.Parameter(torch.full((dim,), 1e-5))  # DINOv2 init_values 1e-5
+
+    def forward(self, x):
+        return x * self.scale_factor
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        D = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(D, eps=1e-6)  # timm LayerNorm eps 1e-6
+        self.attn = ViTAttention(D, cfg.num_heads)
+        self.ls1 = LayerScale(D) if cfg.kind == "dinov2" else nn.Identity()
+        self.norm2 = nn.LayerNorm(D, eps=1e-6)
+        self.mlp = Mlp(D, cfg.mlp_hidden)
+        self.ls2 = LayerScale(D) if cfg.kind == "dinov2" else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):  # (B, 3, 224, 224) -> (B, 256, C), patches in row-major order
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class AttentionPoolHead(nn.Module):
+    """SigLIP's attention-pool ("map") head. OpenVLA never runs it, but the release stores its weights and a faithful
+    save keeps them, so only its parameters are declared here."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        D = cfg.embed_dim
+        self.latent = nn.Parameter(torch.zeros(1, 1, D))
+        self.q, self.kv, self.proj = nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.mlp = Mlp(D, cfg.mlp_hidden)
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, n_patches = cfg.embed_dim, (cfg.image_size // cfg.patch_size) ** 2
+        self.num_prefix = 5 if cfg.kind == "dinov2" else 0  # DINOv2: cls + 4 registers; SigLIP: none
+        if cfg.kind == "dinov2":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+            self.reg_token = nn.Parameter(torch.zeros(1, 4, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches, D))  # patch positions only
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=1e-6)  # stored, unused: OpenVLA reads features before the final norm
+        if cfg.kind == "siglip":
+            self.attn_pool = AttentionPoolHead(cfg)
+
+    def forward(self, x):  # (B, 3, S, S) -> (B, P, C)
+        x = self.patch_embed(x) + self.pos_embed  # DINOv2 (no_embed_class): prefix tokens get no position embedding
+        if self.num_prefix:
+            B = x.shape[0]
+            x = torch.cat([self.cls_token.expand(B, -1, -1), self.reg_token.expand(B, -1, -1), x], dim=1)
+        # Features come from the second-to-last block, without the final norm, as OpenVLA trained
+        # (get_intermediate_layers(n={depth - 2})). The last block's output is discarded, so it is not run.
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return x[:, self.num_prefix:]  # drop cls and registers
+
+
+class VisionBackbone(nn.Module):
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        self.featurizer = ViT(cfg.vision[0])
+        if len(cfg.vision) == 2:
+            self.fused_featurizer = ViT(cfg.vision[1])
+
+    def forward(self, pixel_values):  # (B, 6, 224, 224): DINOv2 view ++ SigLIP view
+        if not hasattr(self, "fused_featurizer"):
+            return self.featurizer(pixel_values)
+        dino, siglip = pixel_values.split(3, dim=1)
+        return torch.cat([self.featurizer(dino), self.fused_featurizer(siglip)], dim=-1)  # (B, 256, 1024 + 1152)
+
+
+class Projector(nn.Module):
+    """fused-gelu-mlp (2176 -> 8704 -> 4096 -> 4096) for fused backbones, gelu-mlp (D_vis -> D -> D) otherwise."""
+
+    def __init__(self, vision_dim, llm_dim, fused):
+        super().__init__()
+        if fused:
+            self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
+            self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
+            self.fc3 = nn.Linear(llm_dim, llm_dim)
+        else:
+            self.fc1 = nn.Linear(vision_dim, llm_dim)
+            self.fc2 = nn.Linear(llm_dim, llm_dim)
+
+    def forward(self, x):  # (B, P, 2176) -> (B, P, 4096)
+        x = self.fc2(F.gelu(self.fc1(x)))
+        return self.fc3(F.gelu(x)) if hasattr(self, "fc3") else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Language model: Llama-2 decoder (transformers 4.40.1 LlamaForCausalLM semantics), written out
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalize in fp32, cast back, then scale (transformers' order)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """RoPE tables for (B, T) positions -> cos, sin (B, 1, T, hd), computed in fp32 then cast, as the original."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # halves, not interleaved
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):  # x (B, h, T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: one prefill writes [0, T), each decode step writes one position."""
+
+    def __init__(self, n_layers, B, kv_heads, max_len, head_dim, dtype, device):
+        shape = (B, kv_heads, max_len, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.pos = 0  # number of positions written (advanced by LlamaModel after all layers ran)
+
+    def update(self, layer, k, v):  # k, v (B, h, T, hd) -> all keys/values so far
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // self.heads
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(D, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(D, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, D, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):  # x (B, T, D); mask None (plain causal) or bool (B, 1, T, S)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        causal = mask is None and T > 1  # one new token attends to the whole cache; a prefill is plain causal
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, position_ids, mask=None, cache=None):  # x (B, T, D) embeddings -> hidden (B, T, D)
+        cos, sin = rope_cos_sin(position_ids, x.shape[-1] // self.cfg.num_attention_heads, self.cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += x.shape[1]
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VLA
+
+
+class VLAOutput(NamedTuple):
+    logits: torch.Tensor  # (B, 1 + P + T - 1, V): positions of [BOS, patches, text]
+    loss: torch.Tensor | None
+
+
+def attention_bias(key_valid, T_q):
+    """bool (B, 1, T_q, S) mask for SDPA: causal over the last T_q of S positions, padded keys hidden.
+
+    A query that can see no valid key (left padding before BOS) attends to itself, so SDPA gives no NaN; those rows
+    are never read.
+    """
+    B, S = key_valid.shape
+    q_pos = torch.arange(S - T_q, S, device=key_valid.device)
+    k_pos = torch.arange(S, device=key_valid.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]
+    return (allowed | (k_pos[None, :] == q_pos[:, None])[None])[:, None]
+
+
+class VLA(nn.Module):
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        self.config = config
+        vision_dim = sum(v.embed_dim for v in config.vision)
+        self.vision_backbone = VisionBackbone(config)
+        self.projector = Projector(vision_dim, config.llm.hidden_size, fused=len(config.vision) == 2)
+        self.language_model = LlamaForCausalLM(config.llm)
+        self.tokenizer = None  # set by build / from_pretrained
+        # Action ids count down from the base vocabulary: 32064 rows - 64 padding = 32000 (REFERENCE.md 1.6)
+        self.action_tokenizer = ActionTokenizer(config.llm.vocab_size - config.pad_to_multiple_of, config.n_action_bins)
+
+    @property
+    def norm_stats(self):
+        return self.config.norm_stats
+
+    @property
+    def num_patches(self):
+        v = self.config.vision[0]
+        return (v.image_size // v.patch_size) ** 2
+
+    # -- training forward ---------------------------------------------------------------------------------------
+
+    def embed(self, pixel_values, input_ids):
+        """[BOS, 256 projected patches, rest of the text]: image tokens go right after BOS (REFERENCE.md 4.1)."""
+        patches = self.projector(self.vision_backbone(pixel_values.to(self.projector.fc1.weight.dtype)))  # (B, P, D)
+        tokens = self.language_model.model.embed_tokens(input_ids)  # (B, T, D)
+        return torch.cat([tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:]], dim=1)
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None):
+        """Right-padded batch -> logits (B, P + T, V) and the mean cross-entropy over labels != -100."""
+        x = self.embed(pixel_values, input_ids)
+        B, L, _ = x.shape
+        P = L - input_ids.shape[1]
+        position_ids = torch.arange(L, device=x.device)[None].expand(B, L)  # 0..L-1 over BOS, patches, text
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            ones = attention_mask.new_ones(B, P)
+            key_valid = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1).bool()
+            mask = attention_bias(key_valid, L)
+        hidden = self.language_model.model(x, position_ids, mask)
+        logits = self.language_model.lm_head(hidden).float()  # the original casts logits to fp32 before the loss
+        loss = None
+        if labels is not None:
+            labels = torch.cat([labels[:, :1], labels.new_full((B, P), IGNORE_INDEX), labels[:, 1:]], dim=1)
+            # one mean over every supervised token of the batch (not per example), as transformers' Llama loss
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return VLAOutput(logits, loss)
+
+    # -- inference ------------------------------------------------------------------------------------------------
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Images (HxWx3 uint8 arrays or PIL images, any size) -> pixel_values (B, 3 * views, S, S) float32.
+
+        As the released processor: PIL bicubic resize (antialiased) straight to SxS ("resize-naive", aspect ratio not
+        kept), to_tensor (/255), then (x - mean) / std per view with the serialized constants; views stacked on channels.
+        """
+        from PIL import Image
+
+        size = self.config.vision[0].image_size
+        out = []
+        for image in images:
+            if isinstance(image, np.ndarray):
+                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                    raise ValueError(f"image must be an HxWx3 uint8 array, got {image.dtype} {image.shape}")
+                image = Image.fromarray(image)
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"image must be a numpy uint8 HxWx3 array or a PIL image, got {type(image).__name__}")
+            image = image.convert("RGB").resize((size, size), Image.BICUBIC)  # PIL returns a copy if already SxS
+            x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+            views = [(x - torch.tensor(m).view(3, 1, 1)) / torch.tensor(s).view(3, 1, 1) for m, s in self.config.image_norm]
+            out.append(torch.cat(views, dim=0))
+        return torch.stack(out)
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """Token ids predict_action feeds the model: the prompt with BOS, then "▁" (29871) unless already last.
+
+        Training put the lone "▁" between "Out:" and the action tokens, so inference appends it (REFERENCE.md 5.3).
+        """
+        ids = self.tokenizer(build_prompt(instruction)).input_ids
+        empty = empty_piece_id(self.tokenizer)
+        return ids if ids[-1] == empty else ids + [empty]
+
+    @torch.inference_mode()
+    def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int, use_cache: bool = True):
+        """Greedy decoding for B prompts of any lengths in one batch -> (B, max_new_tokens) token ids.
+
+        Rows are left-padded *after* the multimodal embedding ([pad.., BOS, patches, text]) so every row's next token
+        lands in the same column; positions restart at 0 on each row's BOS, and padded keys are masked, so each row
+        equals its one-by-one result. With use_cache=False every step re-runs the whole sequence (the test oracle).
+        """
+        device = self.projector.fc1.weight.device
+        B, lengths = len(prompts), [len(p) for p in prompts]
+        T = max(lengths)
+        ids = torch.full((B, T), self.config.pad_token_id, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p)
+        ids = ids.to(device)
+        x = self.embed(pixel_values.to(device), ids)  # (B, L, D), right-padded
+        L = x.shape[1]
+        n_pad = torch.tensor([T - n for n in lengths], device=device)
+        gather = (torch.arange(L, device=device)[None] - n_pad[:, None]) % L  # roll each row right by its padding
+        x = x.gather(1, gather[..., None].expand_as(x))
+        key_valid = torch.arange(L, device=device)[None] >= n_pad[:, None]  # (B, L)
+        position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)
+        padded = bool(n_pad.any())
+
+        llm = self.language_model
+        cfg = self.config.llm
+        cache = None
+        if use_cache:
+            cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads or cfg.num_attention_heads,
+                            L + max_new_tokens, cfg.hidden_size // cfg.num_attention_heads, x.dtype, device)
+        out = []
+        for step in range(max_new_tokens):
+            mask = attention_bias(key_valid, x.shape[1] if not use_cache or step == 0 else 1) if padded else None
+            hidden = llm.model(x, position_ids, mask, cache)
+            next_id = llm.lm_head(hidden[:, -1]).argmax(-1)  # (B,), greedy
+            out.append(next_id)
+            new_x = llm.model.embed_tokens(next_id)[:, None]
+            new_pos = position_ids[:, -1:] + 1
+            key_valid = torch.cat([key_valid, key_valid.new_ones(B, 1)], dim=1)
+            if use_cache:
+                x, position_ids = new_x, new_pos
+            else:
+                x, position_ids = torch.cat([x, new_x], 1), torch.cat([position_ids, new_pos], 1)
+        return torch.stack(out, dim=1).cpu()
+
+    def predict_actions(self, images, instructions, unnorm_key=None) -> np.ndarray:
+        """B images and instructions -> (B, action_dim) un-normalized actions, float64, in one batched forward.
+
+        unnorm_key: one key for all rows, or a list with one key per row.
+        """
+        if len(images) != len(instructions):
+            raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
+        keys = unnorm_key if isinstance(unnorm_key, (list, tuple)) else [unnorm_key] * len(images)
+        keys = [resolve_unnorm_key(self.norm_stats, k) for k in keys]
+        dims = {action_dim(self.norm_stats, k) for k in keys}
+        if len(dims) != 1:
+            raise ValueError(f"unnorm_keys {sorted(set(keys))} have different action dims {sorted(dims)}")
+        ids = self.generate(self.preprocess(images), [self.prompt_ids(s) for s in instructions], dims.pop())
+        normalized = self.action_tokenizer.decode(ids.numpy())
+        return np.stack([unnormalize_actions(n, self.norm_stats, k) for n, k in zip(normalized, keys)])
+
+    def predict_action(self, image, instruction: str, unnorm_key: str | None = None) -> np.ndarray:
+        """One image + instruction -> (action_dim,) action, as the original's predict_action(do_sample=False)."""
+        return self.predict_actions([image], [instruction], unnorm_key)[0]
+
+    # -- building, loading, saving -------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, name_or_config="tiny", dtype=torch.float32, device="cpu", seed=0):
+        """A model with random weights (any named config, no download) and the locally built text tokenizer."""
+        cfg = CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
+        torch.manual_seed(seed)
+        with torch.device(device):
+            vla = cls(cfg)
+        init_weights(vla)
+        vla.to(dtype)
+        vla.tokenizer = build_text_tokenizer()
+        return vla.eval()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", timm_overrides=None):
+        """Load a released-layout OpenVLA directory: config.json + safetensors (+ tokenizer). Runs no code from the
+        directory and unpickles nothing. Built on the meta device, then each tensor is read straight into its
+        parameter, so a bf16 checkpoint never exists as an fp32 copy."""
+        path = Path(path)
+        headers = read_weight_headers(path)
+        config = read_config(path, headers, timm_overrides)
+        tokenizer = load_text_tokenizer(path)  # fail on a missing tokenizer before allocating anything
+        with torch.device("meta"):
+            vla = cls(config)  # 1) shapes only
+        vla = vla.to(dtype).to_empty(device=device)  # 2) allocate storage in the target dtype, uninitialized
+        load_weights(vla, headers)  # 3) real numbers, straight from the files
+        vla.tokenizer, vla.tokenizer_dir = tokenizer, path
+        return vla.eval()
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+        """Write the released layout (config.json, safetensors shards + index, tokenizer, processor configs,
+        dataset_statistics.json) into a temporary directory, then swap it in: a crash leaves the old one intact."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        dtype = next(self.parameters()).dtype
+        write_weights(self, tmp, max_shard_bytes)
+        dump = lambda name, obj: (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        dump("config.json", hf_config(self.config, str(dtype).removeprefix("torch.")))
+        dump("generation_config.json", {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
+                                        "pad_token_id": self.config.pad_token_id, "transformers_version": "4.40.1"})
+        dump("preprocessor_config.json", hf_preprocessor_config(self.config))
+        dump("processor_config.json", {"auto_map": {"AutoProcessor": "processing_prismatic.PrismaticProcessor"},
+                                       "processor_class": "PrismaticProcessor"})
+        dump("dataset_statistics.json", self.config.norm_stats)
+        save_text_tokenizer(self.tokenizer, tmp, getattr(self, "tokenizer_dir", None))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+
+
+def init_weights(vla: VLA):
+    """Fresh weights: truncated-normal-ish linear/conv weights (std 0.02), zero biases, unit norms, LayerScale 1e-5."""
+    for name, p in vla.named_parameters():
+        with torch.no_grad():
+            if name.endswith("scale_factor"):
+                p.fill_(1e-5)
+            elif p.ndim == 1:
+                p.fill_(1.0 if name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2] else 0.0)
+            else:
+                p.normal_(0.0, 0.02)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The released checkpoint layout: config.json, safetensors, processor configs
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match what the model expects; the message names the file and key."""
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def read_weight_headers(path: Path) -> dict:
+    """{tensor name: (file, dtype, shape, byte offset, byte length)} from the safetensors headers (a JSON each)."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").exists():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        bins = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {bins}: pickled weights are never loaded; convert them to safetensors)" if bins else ""
+        raise FileNotFoundError(f"{path}: expected model.safetensors or model.safetensors.index.json{hint}")
+    headers = {}
+    for name in files:
+        file = path / name
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: listed in model.safetensors.index.json but missing")
+        with open(file, "rb") as f:
+            try:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{file}: not a safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        for key, info in header.items():
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor {key} has dtype {info['dtype']}, expected one of {list(SAFETENSORS_DTYPES)}")
+            if weight_map is not None and weight_map.get(key) != name:
+                raise CheckpointError(f"{file}: holds {key}, but model.safetensors.index.json places it in {weight_map.get(key)}")
+            start, end = info["data_offsets"]
+            headers[key] = (file, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, end - start)
+    if weight_map is not None and (missing := sorted(set(weight_map) - set(headers))):
+        raise CheckpointError(f"{index}: lists {missing[:5]} but no shard holds them")
+    return headers
+
+
+def _vit_from_headers(headers, prefix, kind, size, heads, file_hint):
+    def shape(key):
+        if f"{prefix}.{key}" not in headers:
+            raise CheckpointError(f"{file_hint}: missing tensor {prefix}.{key}")
+        return headers[f"{prefix}.{key}"][2]
+
+    depth = len({k.split(".")[3] for k in headers if k.startswith(prefix + ".blocks.")})
+    return ViTConfig(shape("pos_embed")[-1], depth, heads, shape("blocks.0.mlp.fc1.weight")[0], kind, image_size=size)
+
+
+def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
+    """VLAConfig from config.json (+ ViT widths and depths read off the weight shapes, which config.json lacks)."""
+    file = path / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: missing; an OpenVLA checkpoint directory needs its config.json")
+    raw = json.loads(file.read_text())
+    backbone = raw.get("vision_backbone_id")
+    if backbone not in BACKBONES:
+        raise CheckpointError(f"{file}: vision_backbone_id {backbone!r} is not supported; expected one of {sorted(BACKBONES)}")
+    timm_ids, views, size = BACKBONES[backbone]
+    fused = len(views) == 2
+    arch = raw.get("arch_specifier", "")
+    if not arch.endswith("fused-gelu-mlp" if fused else "gelu-mlp") or (not fused and arch.endswith("fused-gelu-mlp")):
+        want = "...fused-gelu-mlp" if fused else "...gelu-mlp (not fused)"
+        raise CheckpointError(f"{file}: arch_specifier {arch!r} is not supported for {backbone}; expected {want}")
+    if not str(raw.get("llm_backbone_id", "")).startswith(("llama2-", "vicuna-v15-")):
+        raise CheckpointError(f"{file}: llm_backbone_id {raw.get('llm_backbone_id')!r} is not supported; expected a Llama-2 family id")
+    if raw.get("image_resize_strategy", "resize-naive") != "resize-naive":
+        raise CheckpointError(f"{file}: image_resize_strategy {raw['image_resize_strategy']!r} is not supported; expected 'resize-naive'")
+    text = dict(raw.get("text_config") or {})
+    for key, ok in (("rope_scaling", None), ("attention_bias", False), ("hidden_act", "silu"), ("tie_word_embeddings", False)):
+        if text.get(key, ok) != ok:
+            raise CheckpointError(f"{file}: text_config.{key} = {text[key]!r} is not supported; expected {ok!r}")
+    llm = LlamaConfig(**{f: text[f] for f in LlamaConfig.__dataclass_fields__ if f in text})
+    # ViT heads are not in config.json (the original takes them from timm's model ids): an explicit argument, then
+    # our own "timm_overrides" key, then the named config or release size whose width and depth match the weights.
+    overrides = timm_overrides or raw.get("timm_overrides") or {}
+    vision = []
+    for i, ((release, _), timm_id) in enumerate(zip(views, timm_ids)):
+        prefix = "vision_backbone." + ("featurizer" if i == 0 else "fused_featurizer")
+        v = _vit_from_headers(headers, prefix, release.kind, size, release.num_heads, path)
+        heads = (overrides.get(timm_id.split(".")[0]) or {}).get("num_heads")
+        known = [c.vision[i] for c in CONFIGS.values() if len(c.vision) > i and c.vision[i].kind == v.kind]
+        known = [c.num_heads for c in known if (c.embed_dim, c.depth) == (v.embed_dim, v.depth)]
+        if heads is None and not known:
+            raise CheckpointError(f"{file}: cannot tell the number of attention heads of {prefix} (width {v.embed_dim}, "
+                                  f"depth {v.depth}); pass timm_overrides={{'{timm_id.split('.')[0]}': {{'num_heads': N}}}}")
+        vision.append(replace(v, num_heads=heads or known[0]))
+    norm_stats = dict(raw.get("norm_stats") or {})
+    if (path / "dataset_statistics.json").exists():  # fine-tuned checkpoints keep their new statistics only here
+        norm_stats.update(json.loads((path / "dataset_statistics.json").read_text()))
+    image_norm = [norm for _, norm in views]
+    pre = path / "preprocessor_config.json"
+    if pre.exists():  # the serialized tvf_normalize_params are the constants that run (bf16-rounded for DINOv2)
+        image_norm = [(p["mean"], p["std"]) for p in json.loads(pre.read_text())["tvf_normalize_params"]]
+    return VLAConfig(backbone, vision, llm, raw.get("pad_to_multiple_of", 64), raw.get("n_action_bins", 256),
+                     raw.get("pad_token_id", 32000), norm_stats, image_norm,
+                     arch, raw.get("llm_backbone_id"), raw.get("hf_llm_id", "meta-llama/Llama-2-7b-hf"))
+
+
+def load_weights(vla: nn.Module, headers: dict):
+    """Strict load: same key set and shapes, then each tensor read from disk straight into its parameter's storage
+    (no mmap, so resident memory stays ~ the model's size; a dtype change goes through one temporary tensor)."""
+    state = vla.state_dict()
+    missing, unexpected = sorted(set(state) - set(headers)), sorted(set(headers) - set(state))
+    if missing or unexpected:
+        where = sorted({str(headers[k][0]) for k in unexpected}) or "the checkpoint"
+        raise CheckpointError(f"state-dict mismatch: missing {len(missing)} keys {missing[:5]}, unexpected "
+                              f"{len(unexpected)} keys {unexpected[:5]} (in {where})")
+    for key, (file, _, shape, _, _) in headers.items():
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(f"{file}: {key} has shape {list(shape)}, the model expects {list(state[key].shape)}")
+    by_file = {}
+    for key, info in headers.items():
+        by_file.setdefault(info[0], []).append((info[3], key))
+    with torch.no_grad():
+        for file, entries in by_file.items():
+            with open(file, "rb", buffering=0) as f:
+                for offset, key in sorted(entries):
+                    _, dtype, shape, _, nbytes = headers[key]
+                    dst = state[key]
+                    direct = dst.dtype == dtype and dst.device.type == "cpu" and dst.is_contiguous()
+                    buf = dst if direct else torch.empty(shape, dtype=dtype)
+                    view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+                    f.seek(offset)
+                    got = 0
+                    while got < nbytes:
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise CheckpointError(f"{file}: truncated while reading {key}")
+                        got += n
+                    if not direct:
+                        dst.copy_(buf)
+
+
+def write_weights(vla: nn.Module, out: Path, max_shard_bytes: int):
+    """model.safetensors, or model-0000k-of-0000N.safetensors + index when larger than one shard (as transformers)."""
+    from safetensors.torch import save_file
+
+    shards, size = [{}], 0
+    for key, t in vla.state_dict().items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for name, shard in zip(names, shards):
+        # "format": "pt" is what transformers' loader checks in the metadata
+        save_file({k: t.detach().contiguous().cpu() for k, t in shard.items()}, str(out / name), metadata={"format": "pt"})
+
+
+def hf_config(cfg: VLAConfig, dtype_name: str) -> dict:
+    """config.json as the original's OpenVLAConfig writes it (text_config holds only non-default Llama fields)."""
+    timm_ids, views, size = BACKBONES[cfg.vision_backbone_id]
+    text = {"model_type": "llama", "pad_token_id": cfg.pad_token_id, "torch_dtype": dtype_name,
+            "vocab_size": cfg.llm.vocab_size}
+    default = LlamaConfig()
+    for name in LlamaConfig.__dataclass_fields__:
+        value, base = getattr(cfg.llm, name), getattr(default, name)
+        if name == "num_key_value_heads":  # resolved: None means "same as attention heads" (32 by default)
+            value, base = value or cfg.llm.num_attention_heads, 32
+        if value != base:
+            text[name] = value
+    out = {
+        "arch_specifier": cfg.arch_specifier, "architectures": ["OpenVLAForActionPrediction"],
+        "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
+                     "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
+        "hf_llm_id": cfg.hf_llm_id, "image_resize_strategy": "resize-naive", "image_sizes": [size] * len(views),
+        "llm_backbone_id": cfg.llm_backbone_id, "llm_max_length": 2048, "model_type": "openvla",
+        "n_action_bins": cfg.n_action_bins, "norm_stats": cfg.norm_stats, "output_projector_states": False,
+        "pad_to_multiple_of": cfg.pad_to_multiple_of, "pad_token_id": cfg.pad_token_id, "text_config": text,
+        "timm_model_ids": timm_ids, "timm_override_act_layers": [None] * len(views), "torch_dtype": dtype_name,
+        "transformers_version": "4.40.1", "use_fused_vision_backbone": len(views) == 2,
+        "vision_backbone_id": cfg.vision_backbone_id,
+    }
+    # ViT sizes other than the release's are recorded under our own key (the original ignores unknown keys and takes
+    # sizes from timm's ids; a reader of this file and our loader need them).
+    overrides = {tid.split(".")[0]: {"embed_dim": v.embed_dim, "depth": v.depth, "num_heads": v.num_heads}
+                 for tid, v, (release, _) in zip(timm_ids, cfg.vision, views)
+                 if (v.embed_dim, v.depth, v.num_heads) != (release.embed_dim, release.depth, release.num_heads)}
+    if overrides:
+        out["timm_overrides"] = overrides
+    return out
+
+
+def hf_preprocessor_config(cfg: VLAConfig) -> dict:
+    """preprocessor_config.json as the original's PrismaticImageProcessor saves it."""
+    timm_ids, views, size = BACKBONES[cfg.vision_backbone_id]
+    n = len(views)
+    return {
+        "auto_map": {"AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+                     "AutoProcessor": "processing_prismatic.PrismaticProcessor"},
+        "image_processor_type": "PrismaticImageProcessor", "image_resize_strategy": "resize-naive",
+        "input_sizes": [[3, size, size]] * n, "interpolations": ["bicubic"] * n,
+        "means": [[0.485, 0.456, 0.406] if v.kind == "dinov2" else [0.5] * 3 for v, _ in views],
+        "processor_class": "PrismaticProcessor",
+        "stds": [[0.229, 0.224, 0.225] if v.kind == "dinov2" else [0.5] * 3 for v, _ in views],
+        "tvf_crop_params": [{"output_size": [size, size]}] * n, "tvf_do_letterbox": False, "tvf_letterbox_fill": None,
+        "tvf_normalize_params": [{"inplace": False, "mean": list(m), "std": list(s)} for m, s in cfg.image_norm],
+        "tvf_resize_params": [{"antialias": True, "interpolation": 3, "max_size": None, "size": [size, size]}] * n,
+        "use_fused_vision_backbone": n == 2,
+    }
