@@ -118,6 +118,14 @@ CONFIGS = {
 # Vision: timm-style ViT blocks (timm 0.9.10 VisionTransformer), written out
 
 
+def run_block(block, *args):
+    """Run a ViT block or decoder layer; with block.checkpointing set (train.py), keep only its input for backward and
+    recompute its activations then: memory per block drops from all intermediates to one (B, T, D) tensor."""
+    if getattr(block, "checkpointing", False) and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 class ViTAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -215,7 +223,7 @@ class ViT(nn.Module):
         # Features come from the second-to-last block, without the final norm, as OpenVLA trained
         # (get_intermediate_layers(n={depth - 2})). The last block's output is discarded, so it is not run.
         for block in self.blocks[:-1]:
-            x = block(x)
+            x = run_block(block, x)
         return x[:, self.num_prefix:]  # drop cls and registers
 
 
@@ -358,7 +366,7 @@ class LlamaModel(nn.Module):
     def forward(self, x, position_ids, mask=None, cache=None):  # x (B, T, D) embeddings -> hidden (B, T, D)
         cos, sin = rope_cos_sin(position_ids, x.shape[-1] // self.cfg.num_attention_heads, self.cfg.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = run_block(layer, x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += x.shape[1]
         return self.norm(x)
@@ -408,6 +416,25 @@ class VLA(nn.Module):
     @property
     def norm_stats(self):
         return self.config.norm_stats
+
+    def blocks(self):
+        """Every ViT block and decoder layer: the units FSDP shards and activation checkpointing wraps."""
+        vits = [self.vision_backbone.featurizer] + ([self.vision_backbone.fused_featurizer]
+                                                    if hasattr(self.vision_backbone, "fused_featurizer") else [])
+        return [b for vit in vits for b in vit.blocks] + list(self.language_model.model.layers)
+
+    def unused_parameter_names(self):
+        """Parameters that never influence the output: each ViT's last block and final norm, SigLIP's attention pool.
+        Kept for a faithful save; train.py freezes them (they would never receive a gradient)."""
+        out = []
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "vision_backbone":
+                vit = getattr(self.vision_backbone, parts[1])
+                last = parts[2] == "blocks" and int(parts[3]) == len(vit.blocks) - 1
+                if last or parts[2] in ("norm", "attn_pool"):
+                    out.append(name)
+        return out
 
     @property
     def num_patches(self):
@@ -718,6 +745,26 @@ def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
                      arch, raw.get("llm_backbone_id"), raw.get("hf_llm_id", "meta-llama/Llama-2-7b-hf"))
 
 
+def read_tensor(headers: dict, key: str) -> torch.Tensor:
+    """One tensor from a checkpoint, in its stored dtype, on CPU (train.py reads full tensors to shard them)."""
+    file, dtype, shape, offset, nbytes = headers[key]
+    out = torch.empty(shape, dtype=dtype)
+    with open(file, "rb", buffering=0) as f:
+        _read_into(f, offset, nbytes, out, key)
+    return out
+
+
+def _read_into(f, offset, nbytes, dst, key):
+    view = memoryview(dst.view(-1).view(torch.uint8).numpy())
+    f.seek(offset)
+    got = 0
+    while got < nbytes:
+        n = f.readinto(view[got:])
+        if not n:
+            raise CheckpointError(f"{f.name}: truncated while reading {key}")
+        got += n
+
+
 def load_weights(vla: nn.Module, headers: dict):
     """Strict load: same key set and shapes, then each tensor read from disk straight into its parameter's storage
     (no mmap, so resident memory stays ~ the model's size; a dtype change goes through one temporary tensor)."""
@@ -741,14 +788,7 @@ def load_weights(vla: nn.Module, headers: dict):
                     dst = state[key]
                     direct = dst.dtype == dtype and dst.device.type == "cpu" and dst.is_contiguous()
                     buf = dst if direct else torch.empty(shape, dtype=dtype)
-                    view = memoryview(buf.view(-1).view(torch.uint8).numpy())
-                    f.seek(offset)
-                    got = 0
-                    while got < nbytes:
-                        n = f.readinto(view[got:])
-                        if not n:
-                            raise CheckpointError(f"{file}: truncated while reading {key}")
-                        got += n
+                    _read_into(f, offset, nbytes, buf, key)
                     if not direct:
                         dst.copy_(buf)
 
