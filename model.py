@@ -624,6 +624,54 @@ class VLA(nn.Module):
             tmp.rename(path)
 
 
+def build_from_components(config: VLAConfig, vision_states: list[dict], llama_dir, dtype=torch.bfloat16, device="cpu"):
+    """The untrained VLA of OpenVLA's recipe: pretrained ViTs (timm state dicts, in backbone order) + a Llama-2 HF
+    directory + a freshly initialized projector. Our names mirror timm's and transformers', so this is a prefix mapping
+    plus two details: timm's LayerScale `gamma` is our `scale_factor`, and the 32000-row Llama-2 embeddings are padded
+    to 32064 rows (<PAD> + multiple of 64; new rows ~ N(0, 0.02) as transformers' resize_token_embeddings did)."""
+    llama_dir = Path(llama_dir)
+    llama_cfg = json.loads((llama_dir / "config.json").read_text()) if (llama_dir / "config.json").exists() else {}
+    # Training used Llama-2's own config (rms_norm_eps 1e-5); the released HF model runs 1e-6 (REFERENCE.md 1.2).
+    llm = replace(config.llm, rms_norm_eps=llama_cfg.get("rms_norm_eps", config.llm.rms_norm_eps))
+    vla = VLA.build(replace(config, llm=llm), dtype=dtype, device=device)
+    state = vla.state_dict()
+    loaded = set()
+    prefixes = ["vision_backbone.featurizer.", "vision_backbone.fused_featurizer."]
+    with torch.no_grad():
+        for prefix, timm_state in zip(prefixes, vision_states):
+            for key, value in timm_state.items():
+                if key.startswith(("head.", "fc_norm.")):  # Identity / absent with num_classes=0
+                    continue
+                ours = prefix + (key[: -len("gamma")] + "scale_factor" if key.endswith(".gamma") else key)
+                if ours not in state or state[ours].shape != value.shape:
+                    raise CheckpointError(f"timm weight {key} -> {ours}: no such parameter of shape {list(value.shape)}")
+                state[ours].copy_(value)
+                loaded.add(ours)
+        headers = read_weight_headers(llama_dir)
+        for key in headers:
+            ours, value = "language_model." + key, read_tensor(headers, key)
+            if ours not in state:
+                raise CheckpointError(f"{headers[key][0]}: {key} is not a Llama-2 weight this model has")
+            state[ours][: value.shape[0]].copy_(value)  # embed_tokens / lm_head: the first 32000 of 32064 rows
+            loaded.add(ours)
+    missing = [k for k in state if k not in loaded and not k.startswith("projector.")]
+    if missing:
+        raise CheckpointError(f"pretrained components lack {len(missing)} weights, e.g. {missing[:5]}")
+    vla.tokenizer, vla.tokenizer_dir = load_text_tokenizer(llama_dir), llama_dir
+    return vla
+
+
+def timm_vision_states(config: VLAConfig) -> list[dict]:
+    """Pretrained DINOv2 / SigLIP weights through timm (from its local cache; nothing is downloaded here).
+
+    timm is imported only here: on CPU-only machines its torchvision dependency may not import next to the CPU torch.
+    """
+    import timm
+
+    timm_ids, _, size = BACKBONES[config.vision_backbone_id]
+    return [timm.create_model(tid, pretrained=True, num_classes=0, img_size=size).state_dict() for tid in timm_ids]
+
+
 def init_weights(vla: VLA):
     """Fresh weights: truncated-normal-ish linear/conv weights (std 0.02), zero biases, unit norms, LayerScale 1e-5."""
     for name, p in vla.named_parameters():
