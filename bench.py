@@ -1,0 +1,168 @@
+"""Measured figures, each printed as a ratio against a baseline measured in the same run, with the machine.
+
+    python bench.py infer                 # predict_action vs the module floor, batching, from_pretrained memory
+    python bench.py infer --config.skip-mid   # tiny fixture only (seconds)
+
+Sub-commands per pipeline stage; each takes one dataclass config (`--config.field-name`).
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "openvla-tiny"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+
+
+def timeit(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def report(name: str, value: float, unit: str, baseline_name: str, baseline: float):
+    print(f"  {name:<44} {value:10.4f} {unit:<8} baseline {baseline_name}: {baseline:.4f} {unit}  ratio {value / baseline:.3f}x")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infer
+
+
+@dataclass
+class InferConfig:
+    reps: int = 5
+    """timed repetitions per figure (median reported); the mid config uses max(1, reps // 3)"""
+    skip_mid: bool = False
+    """skip the mid config (real-size ViTs + ~1B LLM: tens of seconds per action on a 2-core CPU)"""
+    skip_memory: bool = False
+    """skip the from_pretrained peak-RSS measurement (writes a ~1.1 GB checkpoint to a temp dir)"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@torch.inference_mode()
+def module_floor(vla, pixel_values, prompt_ids, n_tokens):
+    """The work predict_action cannot avoid, calling the modules directly: vision + projector once, one prefill,
+    n_tokens - 1 cached one-token steps (the last token needs no further step)."""
+    from model import KVCache
+
+    llm, cfg = vla.language_model, vla.config.llm
+    ids = torch.tensor([prompt_ids], device=pixel_values.device)
+    x = vla.embed(pixel_values, ids)
+    L = x.shape[1]
+    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads or cfg.num_attention_heads, L + n_tokens,
+                    cfg.hidden_size // cfg.num_attention_heads, x.dtype, x.device)
+    pos = torch.arange(L, device=x.device)[None]
+    h = llm.model(x, pos, None, cache)
+    token = llm.lm_head(h[:, -1]).argmax(-1)
+    for step in range(n_tokens - 1):
+        h = llm.model(llm.model.embed_tokens(token)[:, None], pos[:, -1:] + 1 + step, None, cache)
+        token = llm.lm_head(h[:, -1]).argmax(-1)
+    return token.item()
+
+
+def bench_predict(name, vla, reps, device):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    key = sorted(vla.norm_stats)[0]
+    instruction = "pick up the cup"
+    pixel_values = vla.preprocess([image]).to(device=device, dtype=next(vla.parameters()).dtype)
+    prompt = vla.prompt_ids(instruction)
+    floor = timeit(lambda: module_floor(vla, pixel_values, prompt, 7), reps)
+    full = timeit(lambda: vla.predict_action(image, instruction, key), reps)
+    report(f"{name}: predict_action latency", full * 1e3, "ms", "module floor", floor * 1e3)
+    return full
+
+
+def bench_batch(name, vla, reps, batch=8):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
+    texts = [f"pick up the {w} cup" for w in ["red", "blue", "green", "big", "small", "left", "right", "tall"]][:batch]
+    key = sorted(vla.norm_stats)[0]
+    sequential = timeit(lambda: [vla.predict_action(i, t, key) for i, t in zip(images, texts)], reps)
+    batched = timeit(lambda: vla.predict_actions(images, texts, key), reps)
+    report(f"{name}: actions/s at batch {batch}", batch / batched, "act/s", f"{batch} sequential calls", batch / sequential)
+
+
+def rss_of_load(path, dtype) -> dict:
+    """Load in a fresh process and report its peak RSS before and after from_pretrained."""
+    code = (
+        "import resource, sys, json, torch; from model import VLA; "
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        f"vla = VLA.from_pretrained(sys.argv[1], dtype=torch.{dtype}); "
+        "print(json.dumps({'base_kb': base, 'peak_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def infer(config: InferConfig):
+    """predict_action latency vs the module floor; batch-8 throughput vs sequential; from_pretrained peak RSS."""
+    from dataclasses import replace
+
+    from model import CONFIGS, VLA, LlamaConfig
+
+    print(f"machine: {machine()}")
+    print("tiny fixture (../shared/fixtures/openvla-tiny), fp32:")
+    tiny = VLA.from_pretrained(FIXTURE, dtype=torch.float32, device=config.device)
+    bench_predict("tiny fp32", tiny, config.reps, config.device)
+    bench_batch("tiny fp32", tiny, config.reps)
+    if not config.skip_mid:
+        reps = max(1, config.reps // 3)
+        for dtype in (torch.float32, torch.bfloat16):
+            tag = f"mid {str(dtype)[6:]}"
+            print(f"mid config (real-size DINOv2-L + SigLIP-So400m, ~1B Llama-shaped LLM, random weights), {tag}:")
+            mid = VLA.build("mid", dtype=dtype, device=config.device)
+            mid.config.norm_stats = tiny.norm_stats
+            bench_predict(tag, mid, reps, config.device)
+            if dtype == torch.float32:
+                bench_batch(tag, mid, 1)
+            del mid
+    if not config.skip_memory:
+        # ~0.54B parameters in bf16 = ~1.07 GB: tiny ViTs, an 8-layer 2048-wide Llama
+        cfg = replace(CONFIGS["tiny"], llm=LlamaConfig(32064, 2048, 5504, 8, 16))
+        with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+            big = VLA.build(cfg, dtype=torch.bfloat16)
+            big.save_pretrained(Path(tmp) / "ckpt", max_shard_bytes=512 * 2**20)
+            del big
+            size = sum(f.stat().st_size for f in (Path(tmp) / "ckpt").glob("*.safetensors"))
+            r = rss_of_load(Path(tmp) / "ckpt", "bfloat16")
+            grown = (r["peak_kb"] - r["base_kb"]) * 1024
+            print(f"from_pretrained of a {size / 1e9:.2f} GB bf16 checkpoint (3 shards), fresh process:")
+            report("peak RSS growth during load", grown / 1e9, "GB", "checkpoint size", size / 1e9)
+            print(f"  (process peak RSS {r['peak_kb'] * 1024 / 1e9:.2f} GB including {r['base_kb'] * 1024 / 1e9:.2f} GB of "
+                  f"imports before the load)")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    tyro.extras.subcommand_cli_from_dict({"infer": infer})
