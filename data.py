@@ -1,0 +1,513 @@
+"""RLDS robot episodes -> tokenized, augmented training batches, exactly as OpenVLA trains on them (+ the demo task).
+
+    python data.py --make-demo demo_data                          # write the demo task as an RLDS dataset
+    python data.py --data-root demo_data --data-mix nanovla_demo  # statistics and a few tokenized frames
+    python data.py --data-root ../shared/data --data-mix bridge_orig
+
+The path of one frame (REFERENCE.md 7 and 9; the original's prismatic/vla/datasets/rlds/*):
+    <data_root>/<name>/<version>/*.tfrecord  --tfds, images left encoded-->  episode (steps as numpy arrays)
+    --DATASETS[name]: standardize-->  {image, action (T, 7) with gripper 1 = open, instruction}
+    --normalize (q01/q99, gripper masked)-->  frames  --mixture sampler by weight-->  shuffle buffer of *encoded*
+    frames  --decode, Lanczos resize, optional augmentation (TF ops)-->  tokenize (tokenizer.py)  -->  collate
+
+Differences from the original, on purpose: ranks read disjoint slices of every dataset (the original reads everything
+on every rank); the stream is seeded and resumable; the shuffle buffer holds JPEG bytes, not decoded 224 px frames
+(the original's buffer of 256k decoded frames is what grows to hundreds of GB per node).
+
+Train with it (train.py does this):
+    ds = RLDSDataset("demo_data", "nanovla_demo", tokenizer, image_size=224, train=True, seed=7, rank=0, world=1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=collate, num_workers=0)
+    save_dataset_statistics(ds.norm_stats, run_dir / "dataset_statistics.json"); state = ds.state_dict()
+"""
+
+import dataclasses
+import hashlib
+import inspect
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Import order matters on CUDA builds of torch: loading triton (torch.compile -> torch._dynamo -> triton) *after*
+# tensorflow segfaults the process (seen with torch 2.14.1 + tensorflow-cpu 2.21; both ship their own LLVM/protobuf
+# symbols). So data.py loads torch._dynamo and triton first, whatever its caller imports later. If the caller already
+# imported tensorflow itself, loading triton now is the crash we avoid, so we leave it to torch.compile.
+if "tensorflow" not in sys.modules:
+    import torch._dynamo  # noqa: F401
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass  # CPU builds have no triton: nothing to protect
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF's C++ start-up chatter
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from tokenizer import IGNORE_INDEX, MAX_TEXT_TOKENS, ActionTokenizer, normalize_actions, training_example  # noqa: E402
+
+tf.config.set_visible_devices([], "GPU")  # TF only decodes images; the GPUs belong to torch (the original does this too)
+tf.get_logger().setLevel("ERROR")
+tfds.disable_progress_bar()
+
+ACTION_DIM = 7  # every standardized dataset: xyz, roll/pitch/yaw deltas, absolute gripper (1 = open, 0 = closed)
+ACTION_MASK = [True] * 6 + [False]  # EEF_POS: normalize the 6 movement dims, pass the gripper through (REF 7.2)
+PAD_TOKEN_ID = 32000  # <PAD>, added by OpenVLA after Llama-2's 32000 tokens
+# (mean, std) per vision backbone, as model.py reads them from preprocessor_config.json (bf16-rounded DINOv2 values)
+OPENVLA_IMAGE_NORM = (
+    ((0.484375, 0.455078125, 0.40625), (0.228515625, 0.2236328125, 0.224609375)),  # DINOv2 -> channels 0-2
+    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SigLIP -> channels 3-5
+)
+# The original's image_augment_kwargs (prismatic/vla/datasets/datasets.py), applied in this order (REF 9.7)
+CROP_SCALE, CROP_RATIO = (0.9, 0.9), (1.0, 1.0)  # always a square of 90% area
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.2, (0.8, 1.2), (0.8, 1.2), 0.05
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the dataset, the file and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Standardization: one numpy function per dataset, episode steps (T, ...) in, the common format out.
+# Images stay encoded bytes here; only what the dataset needs is touched (REF 9.4, the original's oxe/transforms.py).
+
+
+def binarize_gripper_actions(g: np.ndarray) -> np.ndarray:
+    """> 0.95 -> 1 (open), < 0.05 -> 0 (closed); in-between values take the next decided value (scan from the end,
+    which starts from the last raw value, so a trailing in-between run keeps the raw last value), as the original."""
+    out, carry = np.empty_like(g), g[-1]
+    for t in range(len(g) - 1, -1, -1):
+        if g[t] > 0.95 or g[t] < 0.05:
+            carry = np.float32(g[t] > 0.95)
+        out[t] = carry
+    return out
+
+
+def rel2abs_gripper_actions(g: np.ndarray) -> np.ndarray:
+    """Relative gripper commands (< -0.1 open, > 0.1 close, else no change) -> absolute 1 = open / 0 = closed.
+
+    The state before the first command is the opposite of that command (open if there is none), as the original.
+    """
+    cmd = np.where(g < -0.1, 1, np.where(g > 0.1, -1, 0))
+    nonzero = cmd[cmd != 0]
+    state = -nonzero[0] if len(nonzero) else 1
+    out = np.empty(len(g), np.float32)
+    for t, c in enumerate(cmd):
+        state = c if c != 0 else state
+        out[t] = state / 2 + 0.5
+    return out
+
+
+def bridge_orig(steps):
+    """BridgeData V2: actions re-derived from consecutive states, first and last steps dropped (T -> T - 2 frames).
+
+    Step 0's action is all zero, so it is dropped; the gripper is binarized before the last step goes; frame t keeps
+    image and instruction of raw step t+1, movement state[t+2] - state[t+1] (Euler angles subtracted without
+    wrapping) and the binarized gripper of raw step t+1.
+    """
+    state = steps["observation"]["state"][1:]
+    gripper = binarize_gripper_actions(steps["action"][1:, -1])
+    action = np.concatenate([state[1:, :6] - state[:-1, :6], gripper[:-1, None]], axis=1)
+    return {"image": steps["observation"]["image_0"][1:-1], "action": action,
+            "instruction": steps["language_instruction"][1:-1], "proprio": state[:-1]}
+
+
+def fractal20220817_data(steps):
+    """Google RT-1: world_vector + rotation_delta + relative gripper command made absolute."""
+    a = steps["action"]
+    gripper = rel2abs_gripper_actions(a["gripper_closedness_action"][:, 0])
+    return {"image": steps["observation"]["image"],
+            "action": np.concatenate([a["world_vector"], a["rotation_delta"], gripper[:, None]], axis=1),
+            "instruction": steps["observation"]["natural_language_instruction"]}
+
+
+def libero(steps):
+    """LIBERO (OpenVLA's regenerated *_no_noops): raw gripper -1 = open .. +1 = close -> 1 - clip(g, 0, 1)."""
+    a, state = steps["action"], steps["observation"]["state"]
+    return {"image": steps["observation"]["image"], "wrist_image": steps["observation"]["wrist_image"],
+            "action": np.concatenate([a[:, :6], 1 - np.clip(a[:, 6:], 0, 1)], axis=1),
+            "instruction": steps["language_instruction"],
+            "proprio": np.concatenate([state[:, :6], state[:, -2:]], axis=1)}
+
+
+def nanovla_demo(steps):
+    """The demo task written by `python data.py --make-demo`: already in the standard format."""
+    return {"image": steps["observation"]["image"], "action": steps["action"],
+            "instruction": steps["language_instruction"], "proprio": steps["observation"]["state"]}
+
+
+# Dataset name (the directory under data_root) -> its standardization. Add your robot here (see README).
+DATASETS = {
+    "bridge_orig": bridge_orig,
+    "fractal20220817_data": fractal20220817_data,
+    "libero_spatial_no_noops": libero,
+    "libero_object_no_noops": libero,
+    "libero_goal_no_noops": libero,
+    "libero_10_no_noops": libero,
+    "nanovla_demo": nanovla_demo,
+}
+# The Bridge V2 release is a tfds dataset named bridge_dataset; OpenVLA expects it renamed to bridge_orig. Accept both.
+DIRECTORY_ALIASES = {"bridge_orig": ("bridge_dataset",)}
+
+# The original's OXE_NAMED_MIXTURES (oxe/mixtures.py), weights before balancing by size. A dataset name alone is a
+# mixture of itself with weight 1.0. Names not in DATASETS fail with "not supported yet" before any data is read.
+_PLUS_MINUS = [
+    ("fractal20220817_data", 1.0), ("kuka", 0.8341046294), ("bridge_orig", 1.0), ("taco_play", 2.0), ("jaco_play", 1.0),
+    ("berkeley_cable_routing", 1.0), ("roboturk", 2.0), ("viola", 2.0), ("berkeley_autolab_ur5", 2.0), ("toto", 1.0),
+    ("stanford_hydra_dataset_converted_externally_to_rlds", 2.0), ("austin_buds_dataset_converted_externally_to_rlds", 1.0),
+    ("nyu_franka_play_dataset_converted_externally_to_rlds", 3.0),
+    ("furniture_bench_dataset_converted_externally_to_rlds", 0.1), ("ucsd_kitchen_dataset_converted_externally_to_rlds", 2.0),
+    ("austin_sailor_dataset_converted_externally_to_rlds", 1.0), ("austin_sirius_dataset_converted_externally_to_rlds", 1.0),
+    ("dlr_edan_shared_control_converted_externally_to_rlds", 1.0),
+    ("iamlab_cmu_pickup_insert_converted_externally_to_rlds", 1.0), ("utaustin_mutex", 1.0),
+    ("berkeley_fanuc_manipulation", 2.0), ("cmu_stretch", 1.0), ("bc_z", 0.2), ("fmb_dataset", 1.0), ("dobbe", 0.2),
+]
+MIXTURES = {
+    "bridge": [("bridge_orig", 1.0)],
+    "bridge_rt_1": [("bridge_orig", 1.0), ("fractal20220817_data", 1.0)],
+    "oxe_magic_soup_plus_minus": _PLUS_MINUS,  # OpenVLA-7B's final mixture: its 25 norm_stats keys
+    # the first ~70% of OpenVLA-7B's training: RT-1 down-weighted, plus language_table and DROID
+    "oxe_magic_soup_plus": [("fractal20220817_data", 0.54087122203)] + _PLUS_MINUS[1:10] + [("language_table", 0.1)]
+    + _PLUS_MINUS[10:] + [("droid", 0.06)],
+    "libero_mix": [(f"libero_{s}_no_noops", 1.0) for s in ("spatial", "object", "goal", "10")],
+}
+
+
+def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
+    """[(dataset, weight)] of a mixture or a single dataset; duplicates dropped (first kept), as the original."""
+    if data_mix in MIXTURES:
+        mix = MIXTURES[data_mix]
+    elif data_mix in DATASETS:
+        mix = [(data_mix, 1.0)]
+    else:
+        raise DataError(f"unknown dataset or mixture {data_mix!r}; known datasets: {sorted(DATASETS)}; "
+                        f"mixtures: {sorted(MIXTURES)}")
+    mix = list(dict(reversed(mix)).items())[::-1]  # dedupe keeping the first weight of each name, in order
+    missing = [name for name, _ in mix if name not in DATASETS]
+    if missing:
+        raise DataError(f"mixture {data_mix!r}: not supported yet: {', '.join(missing)} (add a standardization "
+                        f"function to DATASETS in data.py; supported: {sorted(DATASETS)})")
+    return mix
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading RLDS with tensorflow-datasets (no network: the builder is built from the files on disk)
+
+
+def open_dataset(data_root, name: str):
+    """The tfds builder of <data_root>/<name>/<latest version>/ (dataset_info.json + features.json + tfrecords)."""
+    resolve_mixture(name)  # unknown / unsupported names fail here, before touching the disk
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(f"{name}: data_root {root} is not a directory (expected {root}/{name}/<version>/)")
+    for dirname in (name, *DIRECTORY_ALIASES.get(name, ())):
+        versions = [d for d in (root / dirname).glob("*") if (d / "dataset_info.json").is_file()]
+        if versions:
+            break
+    else:
+        raise DataError(f"{name}: no RLDS dataset at {root / name}/<version>/dataset_info.json (Open X-Embodiment "
+                        f"layout: dataset_info.json, features.json, {name}-train.tfrecord-*)")
+    version_dir = max(versions, key=lambda d: tuple(int(x) if x.isdigit() else -1 for x in d.name.split(".")))
+    try:
+        return tfds.builder_from_directory(str(version_dir))
+    except Exception as e:  # a broken dataset_info.json / features.json: say which directory, not tfds' internals
+        raise DataError(f"{name}: cannot open the RLDS dataset in {version_dir}: {type(e).__name__}: {e}") from None
+
+
+def split_names(builder) -> tuple[str, str]:
+    """(train, val) splits: a dataset without "val" gives its last 5% of episodes to validation, as the original."""
+    return ("train", "val") if "val" in builder.info.splits else ("train[:95%]", "train[95%:]")
+
+
+class Features(dict):
+    """One episode's features; a missing key raises a DataError naming the feature instead of a bare KeyError."""
+
+    def __init__(self, items, where: str, path: str = "steps"):
+        super().__init__(items)
+        self.where, self.path = where, path
+
+    def __getitem__(self, key):
+        if key not in self:
+            raise DataError(f"{self.where}: no feature '{self.path}/{key}' (it has {sorted(self)}); the dataset's "
+                            f"features.json does not match its standardization function in data.py")
+        value = super().__getitem__(key)
+        return Features(value, self.where, f"{self.path}/{key}") if isinstance(value, dict) else value
+
+
+def standardize(name: str, episode: dict, where: str) -> dict:
+    """DATASETS[name] applied to one episode, with its output checked (action (T, 7) float32, equal lengths)."""
+    out = DATASETS[name](Features(episode["steps"], where))
+    action = np.asarray(out["action"], np.float32)
+    if action.ndim != 2 or action.shape[1] != ACTION_DIM:
+        raise DataError(f"{where}: standardized action has shape {action.shape}, expected (T, {ACTION_DIM})")
+    if not len(out["image"]) == len(out["instruction"]) == len(action):
+        raise DataError(f"{where}: standardization gave {len(out['image'])} images, {len(out['instruction'])} "
+                        f"instructions and {len(action)} actions; expected one of each per step")
+    return {**out, "action": action}
+
+
+def read_episodes(builder, name: str, split: str, shuffle_seed: int | None = None):
+    """Standardized episodes of `split` in file order (or a seeded file order); images stay encoded bytes."""
+    ds = builder.as_dataset(
+        split=split, shuffle_files=shuffle_seed is not None, decoders={"steps": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(add_tfds_id=True, shuffle_seed=shuffle_seed),  # tfds_id = "<file>__<record>"
+    )
+    episodes = iter(tfds.as_numpy(ds))
+    while True:
+        try:
+            episode = next(episodes)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:  # DataLossError for a truncated or corrupt tfrecord
+            files = sorted({Path(f).name for f in tf.io.gfile.glob(f"{builder.data_dir}/*.tfrecord*")})
+            raise DataError(f"{name}: corrupt record in split {split!r} of {builder.data_dir} (files {files}): "
+                            f"{e.message.splitlines()[0]}") from None
+        where = f"{name} ({builder.data_dir}/{episode['tfds_id'].decode()})"
+        yield where, standardize(name, episode, where)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics (REF 7.3): one pass over every split, after standardization, before any filter; cached next to the data
+
+
+def compute_statistics(builder, name: str) -> dict:
+    actions = [ep["action"] for _, ep in read_episodes(builder, name, "all")]
+    if not actions or not sum(len(a) for a in actions):
+        raise DataError(f"{name}: {builder.data_dir} holds no steps after standardization; nothing to train on")
+    a = np.concatenate(actions)  # float32 (N, 7): mean/std/max/min come out float32, the quantiles float64
+
+    def describe(x):
+        return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(), "min": x.min(0).tolist(),
+                "q01": np.quantile(x, 0.01, axis=0).tolist(), "q99": np.quantile(x, 0.99, axis=0).tolist()}
+
+    # OpenVLA loads no proprio, so its proprio statistics are those of zeros_like(action) (all zeros in norm_stats)
+    return {"action": describe(a), "proprio": describe(np.zeros_like(a)),
+            "num_transitions": int(len(a)), "num_trajectories": len(actions)}
+
+
+def dataset_statistics(builder, name: str) -> dict:
+    """Statistics of one dataset, cached as dataset_statistics_<sha256>.json in its version directory.
+
+    The hash covers the dataset (str of its tfds info, which includes the path), the proprio keys ("()": none, as
+    OpenVLA) and the source text of the standardization function, as the original's; so editing the function or the
+    data recomputes. A read-only data directory falls back to ~/.cache/nanovla/.
+    """
+    key = "".join([str(builder.info), "()", inspect.getsource(DATASETS[name])])
+    filename = f"dataset_statistics_{hashlib.sha256(key.encode()).hexdigest()}.json"
+    paths = [Path(builder.data_dir) / filename, Path.home() / ".cache" / "nanovla" / filename]
+    for path in paths:
+        if path.is_file():
+            return json.loads(path.read_text())
+    stats = compute_statistics(builder, name)
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")  # ranks computing at once each write whole files
+            tmp.write_text(json.dumps(stats))
+            os.replace(tmp, path)
+            break
+        except OSError:
+            continue
+    return stats
+
+
+def load_norm_stats(data_root, data_mix: str) -> dict:
+    """{dataset: statistics + action mask} of a mixture: what checkpoints carry as norm_stats."""
+    return {name: _with_mask(dataset_statistics(open_dataset(data_root, name), name))
+            for name, _ in resolve_mixture(data_mix)}
+
+
+def _with_mask(stats: dict) -> dict:
+    return {**stats, "action": {**stats["action"], "mask": ACTION_MASK}}
+
+
+def save_dataset_statistics(norm_stats: dict, path) -> None:
+    """The run directory's dataset_statistics.json (indent 2), as the original's save_dataset_statistics."""
+    Path(path).write_text(json.dumps(norm_stats, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images: TF's decoder and resizer, because exact agreement with the original needs them (golden README)
+
+
+def decode_and_resize(image_bytes, size: int):
+    """JPEG/PNG bytes -> uint8 (size, size, 3): tf decode (libjpeg fast IDCT), Lanczos-3 with antialias, round, clip."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
+    image = tf.image.resize(image, (size, size), method="lanczos3", antialias=True)  # also when enlarging
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def augment_image(image, seed):
+    """The original's train-time augmentation (dlimp augment_image with OpenVLA's kwargs), seeded and stateless.
+
+    uint8 -> float [0, 1]; before each op a fresh seed = stateless_uniform([2], previous seed); every op's output is
+    clipped to [0, 1]; back to uint8 by truncating x * 255.5 (convert_image_dtype).
+    """
+    x = tf.image.convert_image_dtype(image, tf.float32)
+    seed = tf.convert_to_tensor(seed, tf.int32)
+    for op in (random_resized_crop,
+               lambda x, s: tf.image.stateless_random_brightness(x, BRIGHTNESS, seed=s),
+               lambda x, s: tf.image.stateless_random_contrast(x, *CONTRAST, seed=s),
+               lambda x, s: tf.image.stateless_random_saturation(x, *SATURATION, seed=s),
+               lambda x, s: tf.image.stateless_random_hue(x, HUE, seed=s)):
+        seed = tf.random.stateless_uniform([2], seed, maxval=tf.int32.max, dtype=tf.int32)
+        x = tf.clip_by_value(op(x, seed), 0.0, 1.0)
+    return tf.image.convert_image_dtype(x, tf.uint8, saturate=True)
+
+
+def random_resized_crop(x, seed):
+    """Crop of area CROP_SCALE and aspect CROP_RATIO, resized back bilinearly. One seed draws scale, ratio and *both*
+    offsets, so the top and left offsets are equal: the crop always sits on the diagonal (the original's quirk)."""
+    h, w = tf.shape(x)[0], tf.shape(x)[1]
+    scale = tf.random.stateless_uniform([1], seed, *CROP_SCALE)
+    ratio = tf.exp(tf.random.stateless_uniform([1], seed, float(np.log(CROP_RATIO[0])), float(np.log(CROP_RATIO[1]))))
+    ch, cw = tf.clip_by_value(tf.sqrt(scale / ratio), 0, 1), tf.clip_by_value(tf.sqrt(scale * ratio), 0, 1)
+    top = tf.random.stateless_uniform([1], seed, 0, 1 - ch)
+    left = tf.random.stateless_uniform([1], seed, 0, 1 - cw)
+    box = tf.stack([top, left, top + ch, left + cw], axis=1)  # (1, 4) normalized y1, x1, y2, x2
+    return tf.image.crop_and_resize(x[None], box, [0], tf.stack([h, w]))[0]
+
+
+def to_pixel_values(image: np.ndarray, image_norm=OPENVLA_IMAGE_NORM) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3 * len(image_norm), H, W): x / 255 normalized once per vision backbone."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
+    return torch.cat([(x - torch.tensor(m).view(3, 1, 1)) / torch.tensor(s).view(3, 1, 1) for m, s in image_norm])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training stream
+
+
+class RLDSDataset(torch.utils.data.IterableDataset):
+    """Frames of a mixture as model inputs: {pixel_values, input_ids, labels, dataset_name}.
+
+    train=True: this rank's slice of each dataset's train split, repeated forever, datasets sampled by weight,
+    shuffled through a buffer of `shuffle_buffer_size` encoded frames; deterministic given (seed, rank).
+    train=False: one pass over the validation split (or `split`), datasets one after another, no augmentation.
+    Augmentation runs only when train and image_aug (OpenVLA pretraining: off; its LoRA fine-tuning: on).
+    state_dict() is the number of frames yielded; load_state_dict() continues the same stream after re-reading (but
+    not decoding) the frames before it. Use DataLoader(num_workers=0): TF decodes with its own threads.
+    """
+
+    def __init__(self, data_root, data_mix: str, tokenizer, image_size: int = 224, image_norm=OPENVLA_IMAGE_NORM,
+                 train: bool = True, image_aug: bool = False, shuffle_buffer_size: int = 256_000, seed: int = 7,
+                 rank: int = 0, world: int = 1, split: str | None = None):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, world={world})")
+        self.mixture = resolve_mixture(data_mix)  # fails on unknown / unsupported names before any reading
+        self.names = [name for name, _ in self.mixture]
+        self.builders = [open_dataset(data_root, name) for name in self.names]
+        self.norm_stats = {n: _with_mask(dataset_statistics(b, n)) for n, b in zip(self.names, self.builders)}
+        self.tokenizer, self.action_tokenizer = tokenizer, ActionTokenizer(tokenizer.vocab_size)
+        self.image_size, self.image_norm, self.train = image_size, image_norm, train
+        self.image_aug, self.shuffle_buffer_size, self.seed, self.rank, self.world = image_aug, shuffle_buffer_size, seed, rank, world
+        self.splits = [split or split_names(b)[0 if train else 1] for b in self.builders]
+        # Mixture weights (REF 9.5): weight x num_transitions, normalized; the length of an "epoch" is set by the
+        # datasets whose raw weight is exactly 1.0 (none: the largest), as the original's dataset_len
+        sizes = np.array([self.norm_stats[n]["num_transitions"] for n in self.names], np.float64)
+        weights = np.array([w for _, w in self.mixture]) * sizes
+        self.weights = weights / weights.sum()
+        primary = [i for i, (_, w) in enumerate(self.mixture) if w == 1.0] or range(len(self.names))
+        self.dataset_length = int(max(sizes[i] / self.weights[i] for i in primary))
+        self.position, self._start = 0, 0
+        image_fn = lambda b, s: augment_image(decode_and_resize(b, image_size), s)  # noqa: E731
+        self._augment = tf.function(image_fn, input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32)])
+        self._decode = tf.function(lambda b: decode_and_resize(b, image_size), input_signature=[tf.TensorSpec([], tf.string)])
+
+    def _episodes(self, i: int):
+        """(where, episode) of dataset i: this rank's slice of its split; forever when training."""
+        split = tfds.even_splits(self.splits[i], n=self.world)[self.rank] if self.world > 1 else self.splits[i]
+        for epoch in itertools.count():
+            shuffle_seed = int(np.random.SeedSequence([self.seed, self.rank, i, epoch]).generate_state(1)[0]) if self.train else None
+            n = 0
+            for where, ep in read_episodes(self.builders[i], self.names[i], split, shuffle_seed):
+                if not any(len(s) for s in ep["instruction"]):
+                    continue  # skip_unlabeled: trajectories without any instruction are not trained on
+                n += 1
+                yield where, ep
+            if n == 0:
+                raise DataError(f"{self.names[i]}: split {split!r} of {self.builders[i].data_dir} has no labeled "
+                                f"episodes for rank {self.rank} of {self.world}")
+            if not self.train:
+                return
+
+    def _frames(self, i: int):
+        """(dataset index, image bytes, instruction bytes, normalized action float32 (7,), where) of dataset i."""
+        stats = self.norm_stats[self.names[i]]["action"]
+        for where, ep in self._episodes(i):
+            action = normalize_actions(ep["action"], stats).astype(np.float32)  # (T, 7), gripper passes through
+            for t in range(len(action)):
+                yield i, ep["image"][t], ep["instruction"][t], action[t], where
+
+    def _stream(self, rng):
+        """Encoded frames in training order with their augmentation seeds: everything random happens here."""
+        if self.train:
+            frames, cdf = [self._frames(i) for i in range(len(self.names))], np.cumsum(self.weights)
+            mixed = (next(frames[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(cdf) - 1)])
+                     for _ in itertools.count())  # the original's sample_from_datasets, frame by frame
+        else:
+            mixed = itertools.chain.from_iterable(self._frames(i) for i in range(len(self.names)))
+        buffer = []
+        for frame in mixed:  # tf.data's shuffle: fill the buffer, then each output frees a random slot for the input
+            if len(buffer) < self.shuffle_buffer_size:
+                buffer.append(frame)
+                continue
+            if buffer:  # shuffle_buffer_size 0: no shuffling
+                j = int(rng.integers(len(buffer)))
+                buffer[j], frame = frame, buffer[j]
+            yield frame, rng.integers(0, 2**31 - 1, size=2, dtype=np.int32)
+        rng.shuffle(buffer)  # a finite (evaluation) stream ends by emptying the buffer
+        for frame in buffer:
+            yield frame, rng.integers(0, 2**31 - 1, size=2, dtype=np.int32)
+
+    def frames(self):
+        """Decoded frames {image uint8 (H, W, 3), action, instruction, dataset_name}, from the saved position."""
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError("RLDSDataset needs DataLoader(num_workers=0): TF decodes in its own threads, and "
+                               "state_dict() counts the frames of a single iterator")
+        stream = self._stream(np.random.default_rng([self.seed, self.rank]))
+        for _ in itertools.islice(stream, self._start):
+            pass  # fast-forward: read and shuffle the frames before the saved position, but decode none
+        self.position = self._start
+        for (i, image_bytes, instruction, action, where), seed in stream:
+            try:
+                if not len(image_bytes):
+                    image = np.zeros((self.image_size, self.image_size, 3), np.uint8)  # padding camera, as original
+                elif self.train and self.image_aug:
+                    image = self._augment(image_bytes, seed).numpy()
+                else:
+                    image = self._decode(image_bytes).numpy()
+            except tf.errors.InvalidArgumentError as e:
+                raise DataError(f"{where}: cannot decode an image: {e.message.splitlines()[0]}") from None
+            self.position += 1
+            yield {"image": image, "action": action, "instruction": instruction.decode(), "dataset_name": self.names[i]}
+
+    def __iter__(self):
+        for frame in self.frames():
+            input_ids, labels = training_example(self.tokenizer, self.action_tokenizer, frame["instruction"], frame["action"])
+            yield {"pixel_values": to_pixel_values(frame["image"], self.image_norm), "input_ids": torch.tensor(input_ids),
+                   "labels": torch.tensor(labels), "dataset_name": frame["dataset_name"]}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "rank": self.rank, "world": self.world, "mixture": self.mixture}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "rank", "world", "mixture"):
+            if json.loads(json.dumps(state[key])) != json.loads(json.dumps(mine[key])):
+                raise ValueError(f"data state was saved with {key}={state[key]!r}, this dataset has {mine[key]!r}; "
+                                 f"the stream can only resume with the same seed, rank, world and mixture")
+        self._start = self.position = int(state["position"])
+
+
+def collate(examples: list[dict], pad_token_id: int = PAD_TOKEN_ID, max_length: int = MAX_TEXT_TOKENS) -> dict:
+    """Right-pad input_ids with <PAD> and labels with -100, truncate to 2048, mask = ids != <PAD> (REF 5.2)."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    input_ids = pad([e["input_ids"] for e in examples], batch_first=True, padding_value=pad_token_id)[:, :max_length]
+    labels = pad([e["labels"] for e in examples], batch_first=True, padding_value=IGNORE_INDEX)[:, :max_length]
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": input_ids,
+            "attention_mask": input_ids.ne(pad_token_id), "labels": labels,
+            "dataset_names": [e["dataset_name"] for e in examples]}
