@@ -136,7 +136,7 @@ def decode_image(value, max_pixels: int) -> tuple[np.ndarray, str]:
     elif isinstance(value, str):
         image, form = decode_image_file(value, max_pixels), "plain"
     else:
-        raise HTTPError(400, f"field 'image' is a {type(value).__name__}", IMAGE_FORMS)
+        raise HTTPError(400, f"field 'image' must be an array, a list or a string, not {type(value).__name__}", IMAGE_FORMS)
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise HTTPError(400, f"image has shape {tuple(image.shape)}", f"(H, W, 3) RGB; {IMAGE_FORMS}")
     if image.shape[0] * image.shape[1] > max_pixels:
@@ -188,7 +188,7 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
 
     instruction = payload["instruction"]
     if not isinstance(instruction, str):
-        raise HTTPError(400, f"field 'instruction' is a {type(instruction).__name__}", "a string such as 'pick up the cup'")
+        raise HTTPError(400, f"field 'instruction' must be a string, not {type(instruction).__name__}", "e.g. 'pick up the cup'")
     try:
         n_bytes = len(instruction.encode("utf-8"))
     except UnicodeEncodeError:  # lone surrogates such as "\ud800" survive JSON parsing but not UTF-8
@@ -200,7 +200,7 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
 
     unnorm_key = payload.get("unnorm_key")
     if unnorm_key is not None and not isinstance(unnorm_key, str):
-        raise HTTPError(400, f"field 'unnorm_key' is a {type(unnorm_key).__name__}", f"one of {sorted(norm_stats)}")
+        raise HTTPError(400, f"field 'unnorm_key' must be a string, not {type(unnorm_key).__name__}", f"one of {sorted(norm_stats)}")
     try:
         unnorm_key = resolve_unnorm_key(norm_stats, unnorm_key)
     except ValueError as e:

@@ -418,3 +418,275 @@ def test_bf16_model_runs_and_matches_fp32_tokens(expected, fixture_vla):
 
 
 # ---- serve.py -----------------------------------------------------------------------------------------------------
+import base64  # noqa: E402
+import http.client  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+SERVE_TOKEN = "test-token"
+SERVE_MAX_PIXELS = 480 * 640  # the largest fixture image; anything bigger must get a 400
+
+
+@pytest.fixture(scope="module")
+def served():
+    """serve.py on the tiny fixture in a subprocess, on a free port, with a bearer token read from $NANOVLA_TOKEN."""
+    cmd = [sys.executable, "serve.py", "--config.checkpoint", str(FIXTURE), "--config.port", "0",
+           "--config.max-wait-ms", "20", "--config.max-body-bytes", str(2**21),
+           "--config.max-image-pixels", str(SERVE_MAX_PIXELS)]
+    env = {**os.environ, "NANOVLA_TOKEN": SERVE_TOKEN}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, ready = [], threading.Event()
+
+    def read():  # keeps draining the pipe so the server never blocks on its per-request log lines
+        for line in proc.stdout:
+            lines.append(line)
+            if " on http://" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    ready.wait(120)
+    match = re.search(r" on http://127\.0\.0\.1:(\d+)", "".join(lines))
+    if not match:
+        proc.kill()
+        pytest.fail("serve.py did not start:\n" + "".join(lines))
+    yield SimpleNamespace(proc=proc, port=int(match[1]), lines=lines)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def _http(port, method, path, body=None, token=SERVE_TOKEN, headers=None):
+    """One request -> (status, headers, body bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    h = {"Authorization": f"Bearer {token}"} if token else {}
+    conn.request(method, path, body=body, headers={**h, **(headers or {})})
+    r = conn.getresponse()
+    out = r.status, dict(r.getheaders()), r.read()
+    conn.close()
+    return out
+
+
+def _case(expected, k):
+    c = expected["cases"][k]
+    return np.load(FIXTURE / f"case{k}_image_uint8.npy"), c["instruction"], c["unnorm_key"], np.array(c["actions"])
+
+
+def _act_json_numpy(port, image, instruction, unnorm_key, **kw):
+    import json_numpy
+
+    body = json_numpy.dumps({"image": image, "instruction": instruction, "unnorm_key": unnorm_key})
+    status, _, data = _http(port, "POST", "/act", body.encode(), **kw)
+    assert status == 200, data
+    return json_numpy.loads(data)
+
+
+def _png_b64(image, fmt="PNG"):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_serve_json_numpy_client_gets_fixture_actions(served, expected):
+    import json_numpy
+
+    for k in range(4):  # case 4 keeps its instruction un-lower-cased, which no deploy.py prompt does
+        image, instruction, key, want = _case(expected, k)
+        action = _act_json_numpy(served.port, image, instruction, key)
+        assert isinstance(action, np.ndarray) and action.dtype == np.float64 and action.shape == (7,)
+        np.testing.assert_allclose(action, want, rtol=0, atol=1e-6)
+    # deploy.py's double-encoded form: the request and the answer are json_numpy text inside a JSON string
+    image, instruction, key, want = _case(expected, 0)
+    inner = json_numpy.dumps({"image": image, "instruction": instruction, "unnorm_key": key})
+    status, _, data = _http(served.port, "POST", "/act", json.dumps({"encoded": inner}).encode())
+    assert status == 200 and isinstance(json.loads(data), str)
+    np.testing.assert_allclose(json_numpy.loads(json.loads(data)), want, rtol=0, atol=1e-6)
+
+
+def test_serve_plain_json_and_base64_forms_agree(served, expected):
+    image, instruction, key, want = _case(expected, 0)
+    body = json.dumps({"image": image.tolist(), "instruction": instruction, "unnorm_key": key}).encode()
+    status, headers, data = _http(served.port, "POST", "/act", body)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    action = json.loads(data)
+    assert isinstance(action, list)
+    np.testing.assert_allclose(action, want, rtol=0, atol=1e-6)
+
+    image, instruction, key, want = _case(expected, 1)
+    for text in (_png_b64(image), "data:image/png;base64," + _png_b64(image)):  # PNG is lossless: same pixels
+        body = json.dumps({"image": text, "instruction": instruction, "unnorm_key": key}).encode()
+        status, _, data = _http(served.port, "POST", "/act", body)
+        assert status == 200, data
+        np.testing.assert_allclose(json.loads(data), want, rtol=0, atol=1e-6)
+
+    # JPEG is lossy: the answer must equal the one for the pixels PIL decodes from it
+    from PIL import Image
+
+    image, instruction, key, _ = _case(expected, 2)
+    jpeg = _png_b64(image, "JPEG")
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(jpeg))).convert("RGB"))
+    body = json.dumps({"image": jpeg, "instruction": instruction, "unnorm_key": key}).encode()
+    status, _, data = _http(served.port, "POST", "/act", body)
+    assert status == 200, data
+    assert json.loads(data) == _act_json_numpy(served.port, decoded, instruction, key).tolist()
+
+
+def test_serve_usage_health_and_token(served):
+    status, headers, data = _http(served.port, "GET", "/", token=None)  # the usage text needs no token
+    assert status == 200 and headers["Content-Type"].startswith("text/plain") and b"POST" in data and b"/act" in data
+    for token in (None, "wrong"):
+        for method, path in (("GET", "/health"), ("POST", "/act")):
+            status, headers, data = _http(served.port, method, path, b"{}", token=token)
+            assert status == 401 and headers.get("WWW-Authenticate") == "Bearer", (method, path, token)
+            assert "token" in json.loads(data)["error"]
+    status, _, data = _http(served.port, "GET", "/health")
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ok" and health["device"] == "cpu" and health["dtype"] == "float32"
+    assert health["unnorm_keys"] == ["bridge_orig", "libero_spatial_no_noops"] and health["uptime_s"] >= 0
+    assert isinstance(health["requests_served"], int) and health["model"] == str(FIXTURE)
+
+
+def test_serve_rejects_bad_input_and_keeps_serving(served, expected):
+    import json_numpy
+
+    image, instruction, key, want = _case(expected, 0)
+    nj = lambda **fields: json_numpy.dumps({"image": image, "instruction": instruction, "unnorm_key": key, **fields})
+    raw = lambda data, dtype, shape: {"__numpy__": base64.b64encode(data).decode(), "dtype": dtype, "shape": shape}
+    big = np.zeros((600, 600, 3), np.uint8)  # 360,000 pixels > SERVE_MAX_PIXELS
+    bad = [  # (method, path, body, status, words the error must contain)
+        ("POST", "/act", b'{"image": [1, 2', 400, "not valid JSON"),
+        ("POST", "/act", b"\xff\xfe\x00garbage", 400, "not valid JSON"),
+        ("POST", "/act", b"[1, 2, 3]", 400, "not an object"),
+        ("POST", "/act", json_numpy.dumps({"image": image, "unnorm_key": key}), 400, "missing field 'instruction'"),
+        ("POST", "/act", json.dumps({"instruction": "go", "unnorm_key": key}), 400, "missing field 'image'"),
+        ("POST", "/act", nj(instruction=5), 400, "'instruction' must be a string, not int"),
+        ("POST", "/act", nj(instruction="   "), 400, "instruction is empty"),
+        ("POST", "/act", nj(instruction="a" * 5000), 400, "5000 bytes"),
+        ("POST", "/act", nj(unnorm_key="nope"), 400, "libero_spatial_no_noops"),
+        ("POST", "/act", nj(unnorm_key=None), 400, "bridge_orig"),  # two datasets: the key may not be left out
+        ("POST", "/act", nj(unnorm_key=3), 400, "'unnorm_key' must be a string, not int"),
+        ("POST", "/act", nj(image=image[..., 0]), 400, "shape (224, 224)"),
+        ("POST", "/act", nj(image=np.zeros((8, 8, 4), np.uint8)), 400, "shape (8, 8, 4)"),
+        ("POST", "/act", nj(image=image.astype(np.float32)), 400, "dtype is float32"),
+        ("POST", "/act", nj(image=big), 400, "600x600"),
+        ("POST", "/act", nj(image=raw(b"\x80\x04N.", "|O", [1])), 400, "not a plain numeric"),  # a pickle: refused
+        ("POST", "/act", nj(image=raw(b"abc", "|u1", [2, 2, 3])), 400, "3 bytes"),
+        ("POST", "/act", nj(image=raw(b"abc", "|u1", [2**40, 2**40, 3])), 400, "3 bytes"),
+        ("POST", "/act", nj(image={"__numpy__": "%%%", "dtype": "|u1", "shape": [1]}), 400, "base64"),
+        ("POST", "/act", nj(image=[[[0.5, 0.5, 0.5]]]), 400, "ints 0..255"),
+        ("POST", "/act", nj(image=[[[300, 0, 0]]]), 400, "ints 0..255"),
+        ("POST", "/act", nj(image=[[[1, 2, 3]], [[1, 2]]]), 400, "rectangular"),
+        ("POST", "/act", nj(image="bm90IGFuIGltYWdl"), 400, "PNG or JPEG"),
+        ("POST", "/act", nj(image=_png_b64(big)), 400, "600x600"),
+        ("POST", "/act", nj(image=5), 400, "'image' must be an array, a list or a string, not int"),
+        ("POST", "/act", json.dumps({"encoded": 5}), 400, "'encoded' must be a string"),
+        ("POST", "/predict", nj(), 404, "no route /predict"),
+        ("GET", "/act", None, 405, "GET /act is not allowed"),
+        ("PUT", "/act", nj(), 405, "PUT /act is not allowed"),
+        ("BREW", "/act", None, 405, "BREW not allowed"),
+    ]
+    for method, path, body, status, words in bad:
+        body = body.encode() if isinstance(body, str) else body
+        got, headers, data = _http(served.port, method, path, body)
+        assert got == status and headers["Content-Type"] == "application/json", (method, path, words, got, data[:300])
+        err = json.loads(data)
+        assert words in err["error"] and err.get("expected"), (words, err)
+    # a body over the limit is refused from its Content-Length, before it is read; no Content-Length at all: 411
+    for length, status in (("1000000000", 413), (None, 411)):
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+        conn.putrequest("POST", "/act")
+        conn.putheader("Authorization", f"Bearer {SERVE_TOKEN}")
+        if length:
+            conn.putheader("Content-Length", length)
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == status and "error" in json.loads(r.read())
+        conn.close()
+    np.testing.assert_allclose(_act_json_numpy(served.port, image, instruction, key), want, rtol=0, atol=1e-6)
+
+
+def test_serve_16_concurrent_clients_are_batched_and_correct(served, expected):
+    cases = [_case(expected, k) for k in range(4)]
+    start = threading.Barrier(16)
+
+    def client(i):
+        image, instruction, key, want = cases[i % 4]
+        start.wait(30)
+        return _act_json_numpy(served.port, image, instruction, key), want
+
+    n_logged = sum("batch=" in line for line in served.lines)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(client, range(16)))
+    for action, want in results:
+        np.testing.assert_allclose(action, want, rtol=0, atol=1e-6)
+    deadline = time.monotonic() + 10  # the server logs each line right after answering
+    while sum("batch=" in line for line in served.lines) < n_logged + 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sizes = [int(m[1]) for line in served.lines[-40:] if (m := re.search(r"batch=(\d+)", line))]
+    assert max(sizes) > 1, "16 simultaneous clients were never batched"
+
+
+class _FakeVLA:
+    """Stands in for the model: records batch sizes, can be slow, and breaks on the instruction 'explode'."""
+
+    def __init__(self):
+        import torch
+
+        self.norm_stats, self.delay, self.batches, self.started = {"fake": {}}, 0.0, [], threading.Event()
+        self.weight = torch.zeros(1)
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def predict_actions(self, images, instructions, unnorm_key=None):
+        self.batches.append(len(images))
+        self.started.set()
+        time.sleep(self.delay)
+        if "explode" in instructions:
+            raise RuntimeError("boom")
+        return np.array([[float(len(s))] * 7 for s in instructions])
+
+
+def test_serve_model_failure_is_500_and_stop_finishes_requests_in_flight():
+    import serve
+
+    fake = _FakeVLA()
+    server = serve.PolicyServer(serve.ServeConfig(port=0, max_wait_ms=200)).attach(fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    post = lambda text: _http(port, "POST", "/act", json.dumps({"image": [[[0, 0, 0]]], "instruction": text}).encode())
+    try:
+        with ThreadPoolExecutor(4) as pool:  # one batch; the failing request must fail alone
+            results = list(pool.map(post, ["explode", "abc", "abcd", "abcde"]))
+        assert results[0][0] == 500 and "boom" in json.loads(results[0][2])["error"]
+        assert [json.loads(r[2]) for r in results[1:]] == [[3.0] * 7, [4.0] * 7, [5.0] * 7]
+        assert fake.batches[0] == 4 and fake.batches[1:] == [1, 1, 1, 1], fake.batches
+        assert post("ok")[0] == 200  # the server keeps serving
+        fake.delay, fake.started = 0.5, threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(post, "in flight")
+            assert fake.started.wait(10)
+            server.stop()  # what SIGINT/SIGTERM run in main()
+            assert in_flight.result(timeout=30)[0] == 200
+        with pytest.raises(OSError):
+            post("after stop")
+    finally:
+        if server.batcher.thread.is_alive():
+            server.stop()
+
+
+def test_serve_sigterm_exits_cleanly(served):
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(30) == 0
+    time.sleep(0.2)
+    assert any("stopped after" in line for line in served.lines), "".join(served.lines[-5:])
