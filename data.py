@@ -511,3 +511,197 @@ def collate(examples: list[dict], pad_token_id: int = PAD_TOKEN_ID, max_length: 
     return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]), "input_ids": input_ids,
             "attention_mask": input_ids.ne(pad_token_id), "labels": labels,
             "dataset_names": [e["dataset_name"] for e in examples]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing RLDS datasets (the demo, tests, your own conversions): a tfds builder over in-memory episodes
+
+
+def write_rlds(data_dir, name: str, features: dict, splits: dict, version: str = "1.0.0") -> Path:
+    """Write {split: [episode, ...]} as <data_dir>/<name>/<version>/ in the Open X-Embodiment layout.
+
+    `features` is the tfds FeaturesDict content ({"steps": tfds.features.Dataset({...}), ...}); each episode is
+    {"steps": [step dict, ...], ...} matching it. The same files as the rlds_dataset_builder template writes.
+    """
+
+    class RldsWriter(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version(version)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(episodes) for split, episodes in splits.items()}
+
+        def _generate_examples(self, episodes):
+            for i, episode in enumerate(episodes):
+                yield i, episode
+
+    RldsWriter.name = name
+    builder = RldsWriter(data_dir=str(data_dir))
+    builder.download_and_prepare()
+    for empty in ("downloads/extracted", "downloads"):  # tfds leaves an empty download cache behind
+        if (Path(data_dir) / empty).is_dir() and not any((Path(data_dir) / empty).iterdir()):
+            (Path(data_dir) / empty).rmdir()
+    return Path(builder.data_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The demo task: reach the named block on a table top, drawn with numpy
+
+
+DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30)}
+DEMO_STEP = 0.2  # the expert moves 0.2 table units per step and axis (the table spans [-1, 1] in x and y)
+DEMO_REACH = 0.12  # success: the gripper's centre within this distance of the target's centre on both axes
+DEMO_MAX_STEPS = 20  # a rollout's budget; the expert needs at most 11 steps
+
+
+class DemoEnv:
+    """A table seen from above with three large coloured blocks and a round gripper; "move to the red block".
+
+    Actions are OpenVLA's 7-dim: (dx, dy) move the gripper (right, down), clipped to DEMO_STEP per step; the 4 rotation
+    / height dims are unused (always 0, so they normalize to 0); the gripper is 1 (open) while moving and 0 when
+    closing on the target. The scripted expert moves +-DEMO_STEP per axis towards the target until within half a step,
+    then closes; so actions are nearly discrete (-1 / 0 / +1 after q01/q99 normalization) and a tiny model only has
+    to read the colour, find two things in the image and compare their positions. success = gripper over the target.
+
+        env = DemoEnv(seed=0); image, instruction = env.reset()
+        image, success = env.step(env.expert_action())
+    """
+
+    max_steps = DEMO_MAX_STEPS
+
+    def __init__(self, image_size: int = 224, seed: int = 0):
+        self.image_size, self.rng = image_size, np.random.default_rng(seed)
+        pixels = (np.arange(image_size) + 0.5) / image_size * 2.2 - 1.1  # pixel centres in table units, 0.1 margin
+        self.x, self.y = np.meshgrid(pixels, pixels)
+
+    def reset(self):
+        """A new scene: (image uint8 (S, S, 3), instruction)."""
+        self.colors = list(self.rng.choice(list(DEMO_COLORS), size=3, replace=False))
+        while True:  # blocks apart from each other (Chebyshev distance > 0.5)
+            self.blocks = self.rng.uniform(-0.75, 0.75, size=(3, 2))
+            if min(np.abs(a - b).max() for a, b in itertools.combinations(self.blocks, 2)) > 0.5:
+                break
+        self.target = int(self.rng.integers(3))
+        while True:  # the gripper starts at least two steps away from the target
+            self.gripper = self.rng.uniform(-0.9, 0.9, size=2)
+            if np.abs(self.gripper - self.blocks[self.target]).max() > 2 * DEMO_STEP:
+                break
+        self.t, self.instruction = 0, f"move to the {self.colors[self.target]} block"
+        return self.render(), self.instruction
+
+    def step(self, action):
+        """Apply a 7-dim action (unnormalized); returns (image, success)."""
+        move = np.clip(np.asarray(action, np.float64)[:2], -DEMO_STEP, DEMO_STEP)
+        self.gripper = np.clip(self.gripper + move, -1.0, 1.0)
+        self.t += 1
+        return self.render(), self.success()
+
+    def success(self) -> bool:
+        return bool(np.abs(self.gripper - self.blocks[self.target]).max() <= DEMO_REACH)
+
+    def expert_action(self) -> np.ndarray:
+        d = self.blocks[self.target] - self.gripper
+        move = np.where(np.abs(d) > DEMO_STEP / 2, np.sign(d) * DEMO_STEP, 0.0)
+        return np.array([move[0], move[1], 0, 0, 0, 0, float(move.any())], np.float32)
+
+    def render(self) -> np.ndarray:
+        image = np.empty((self.image_size, self.image_size, 3), np.uint8)
+        image[:] = (200, 180, 145)  # wood
+        for color, (bx, by) in zip(self.colors, self.blocks):
+            image[(np.abs(self.x - bx) < 0.18) & (np.abs(self.y - by) < 0.18)] = DEMO_COLORS[color]
+        r2 = (self.x - self.gripper[0]) ** 2 + (self.y - self.gripper[1]) ** 2
+        image[r2 < 0.1**2] = (30, 30, 30)  # the gripper: a dark disc with a white centre, drawn over the blocks
+        image[r2 < 0.04**2] = (255, 255, 255)
+        return image
+
+    def state(self) -> np.ndarray:
+        return np.array([*self.gripper, 0, 0, 0, 0, 0, 0], np.float32)  # LIBERO-like 8-dim proprio (unused)
+
+
+def demo_episode(env: DemoEnv) -> dict:
+    """One expert episode as RLDS steps: observation t, action t; the last step is the closing one."""
+    image, instruction = env.reset()
+    steps = []
+    while True:
+        action = env.expert_action()
+        steps.append({"observation": {"image": image, "state": env.state()}, "action": action,
+                      "language_instruction": instruction, "reward": 0.0, "discount": 1.0,
+                      "is_first": not steps, "is_last": False, "is_terminal": False})
+        if action[-1] == 0.0:  # closed on the target
+            break
+        image, _ = env.step(action)
+    steps[-1].update(reward=1.0, is_last=True, is_terminal=True)
+    return {"steps": steps}
+
+
+def make_demo(data_dir, episodes: int = 400, seed: int = 0, image_size: int = 224) -> Path:
+    """Write `episodes` expert episodes (90% train, 10% val) as the RLDS dataset nanovla_demo under data_dir."""
+    env = DemoEnv(image_size, seed)
+    eps = [demo_episode(env) for _ in range(episodes)]
+    n_val = max(1, episodes // 10)
+    F = tfds.features
+    image = F.Image(shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="png")  # flat colours: lossless
+    features = {"steps": F.Dataset({
+        "observation": F.FeaturesDict({"image": image, "state": F.Tensor(shape=(8,), dtype=np.float32)}),
+        "action": F.Tensor(shape=(ACTION_DIM,), dtype=np.float32), "language_instruction": F.Text(),
+        "reward": F.Scalar(dtype=np.float32), "discount": F.Scalar(dtype=np.float32), "is_first": F.Scalar(dtype=np.bool_),
+        "is_last": F.Scalar(dtype=np.bool_), "is_terminal": F.Scalar(dtype=np.bool_)})}
+    return write_rlds(data_dir, "nanovla_demo", features, {"train": eps[n_val:], "val": eps[:n_val]})
+
+
+def demo_success_rate(policy, episodes: int = 50, seed: int = 1234, image_size: int = 224) -> float:
+    """Closed-loop success of policy(image uint8 (S, S, 3), instruction) -> 7-dim unnormalized action."""
+    env, successes = DemoEnv(image_size, seed), 0
+    for _ in range(episodes):
+        image, instruction = env.reset()
+        for _ in range(env.max_steps):
+            image, success = env.step(policy(image, instruction))
+            if success:
+                successes += 1
+                break
+    return successes / episodes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DataConfig:
+    make_demo: Path | None = None
+    """write the demo task as an RLDS dataset (nanovla_demo/1.0.0) under this directory, then exit"""
+    demo_episodes: int = 400
+    """number of expert episodes the demo writes (90% train, 10% val)"""
+    data_root: Path | None = None
+    """directory of RLDS datasets (<data_root>/<name>/<version>/): print statistics and a few tokenized frames"""
+    data_mix: str = "nanovla_demo"
+    """a dataset name (a key of DATASETS) or a mixture (a key of MIXTURES)"""
+    seed: int = 0
+    """seed of the demo episodes and of the stream"""
+
+
+def main(config: DataConfig):
+    if config.make_demo is not None:
+        path = make_demo(config.make_demo, config.demo_episodes, config.seed)
+        print(f"wrote {path}; train with --data-root {config.make_demo} --data-mix nanovla_demo")
+        return path
+    if config.data_root is None:
+        raise SystemExit("pass --make-demo DIR or --data-root DIR (see python data.py --help)")
+    from tokenizer import build_text_tokenizer
+
+    ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), train=True, shuffle_buffer_size=1000, seed=config.seed)
+    print(json.dumps({n: {k: s[k] for k in ("num_transitions", "num_trajectories")} for n, s in ds.norm_stats.items()}))
+    for frame, _ in zip(ds.frames(), range(3)):
+        print(frame["dataset_name"], repr(frame["instruction"]), np.round(frame["action"], 3).tolist(),
+              ds.action_tokenizer.encode(frame["action"]).tolist())
+    return ds.norm_stats
+
+
+if __name__ == "__main__":
+    import tyro
+
+    try:
+        main(tyro.cli(DataConfig))
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
