@@ -9,7 +9,6 @@ Sub-commands per pipeline stage; each takes one dataclass config (`--config.fiel
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -113,12 +112,17 @@ def bench_batch(name, vla, reps, batch=8):
 
 
 def rss_of_load(path, dtype) -> dict:
-    """Load in a fresh process and report its peak RSS before and after from_pretrained."""
+    """Load in a fresh process and report its peak RSS before and after from_pretrained.
+
+    VmHWM of /proc/self/status, not getrusage: Linux carries ru_maxrss across fork + exec, so a child would report
+    the parent's peak (the parent has just built the checkpoint).
+    """
     code = (
-        "import resource, sys, json, torch; from model import VLA; "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "import sys, json, torch; from model import VLA; import transformers; "
+        "hwm = lambda: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))); "
+        "base = hwm(); "
         f"vla = VLA.from_pretrained(sys.argv[1], dtype=torch.{dtype}); "
-        "print(json.dumps({'base_kb': base, 'peak_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))"
+        "print(json.dumps({'base_kb': base, 'peak_kb': hwm()}))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
