@@ -2,6 +2,8 @@
 
     python bench.py infer                 # predict_action vs the module floor, batching, from_pretrained memory
     python bench.py infer --config.skip-mid   # tiny fixture only (seconds)
+    python bench.py serve                 # serve.py req/s, p50/p99 at 1/4/16 clients, batched vs one-at-a-time
+    python bench.py serve --config.skip-mid   # tiny fixture only (seconds)
 
 Sub-commands per pipeline stage; each takes one dataclass config (`--config.field-name`).
 """
@@ -166,7 +168,120 @@ def infer(config: InferConfig):
                   f"imports before the load)")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# serve
+
+
+@dataclass
+class ServeBenchConfig:
+    clients: tuple[int, ...] = (1, 4, 16)
+    """concurrent clients, one measurement each (every client sends its next request when answered)"""
+    tiny_requests: tuple[int, ...] = (32, 64, 128)
+    """requests per measurement on the tiny fixture, one number per entry of clients"""
+    mid_requests: tuple[int, ...] = (4, 8, 32)
+    """requests per measurement on the mid config (seconds per forward on a CPU), one per entry of clients"""
+    skip_mid: bool = False
+    """tiny fixture only (seconds)"""
+    max_batch_size: int = 16
+    """the batched server's limit; the baseline server runs with 1 (one request at a time, as deploy.py)"""
+    max_wait_ms: float = 5.0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def serve_load(port: int, n_clients: int, n_requests: int, bodies: list[bytes]) -> tuple[list[float], float]:
+    """n_clients threads share n_requests POST /act, each waiting for its answer -> (latencies in s, wall s)."""
+    import http.client
+    import threading
+
+    lock, todo, latencies, failures = threading.Lock(), list(range(n_requests)), [], []
+
+    def client():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            t = time.perf_counter()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+            conn.request("POST", "/act", bodies[i % len(bodies)], {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            data = r.read()
+            conn.close()
+            with lock:
+                latencies.append(time.perf_counter() - t)
+                if r.status != 200:
+                    failures.append(data[:200])
+
+    threads = [threading.Thread(target=client) for _ in range(n_clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    assert not failures, failures
+    return latencies, wall
+
+
+def bench_serving(name, vla, config: ServeBenchConfig, requests: tuple[int, ...]):
+    import threading
+
+    import json_numpy
+
+    import serve
+
+    rng = np.random.default_rng(0)
+    key = sorted(vla.norm_stats)[0]
+    bodies = [json_numpy.dumps({"image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+                                "instruction": f"pick up the {w} cup", "unnorm_key": key}).encode()
+              for w in ("red", "blue", "green", "big", "small", "left", "right", "tall")]
+    vla.predict_actions([np.zeros((256, 256, 3), np.uint8)], ["warm up"], key)
+    servers = {}
+    for mode, size in (("one-at-a-time", 1), ("batched", config.max_batch_size)):
+        cfg = serve.ServeConfig(port=0, max_batch_size=size, max_wait_ms=config.max_wait_ms)
+        servers[mode] = serve.PolicyServer(cfg).attach(vla)
+        threading.Thread(target=servers[mode].serve_forever, daemon=True).start()
+    print(f"  {'clients':>7} {'mode':<14} {'requests':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10}")
+    results = {}
+    try:
+        for n_clients, n_requests in zip(config.clients, requests, strict=True):
+            for mode, server in servers.items():  # interleaved, so drift in machine load hits both alike
+                batches = server.batcher.n_batches
+                latencies, wall = serve_load(server.server_address[1], n_clients, n_requests, bodies)
+                p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
+                results[n_clients, mode] = (n_requests / wall, p50, p99)
+                mean_batch = n_requests / (server.batcher.n_batches - batches)
+                print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {n_requests / wall:>9.3f} {p50:>9.1f} {p99:>9.1f} "
+                      f"{mean_batch:>10.2f}", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    for n_clients in config.clients:
+        report(f"{name}: req/s, {n_clients} clients, batched", results[n_clients, "batched"][0], "req/s",
+               "one-at-a-time", results[n_clients, "one-at-a-time"][0])
+    for mode in servers:
+        _, p50, p99 = results[config.clients[0], mode]
+        report(f"{name}: p99 latency, {config.clients[0]} client, {mode}", p99, "ms", "its p50", p50)
+
+
+def serve_bench(config: ServeBenchConfig):
+    """Requests/s and p50/p99 latency of serve.py at 1/4/16 clients: batched vs one-at-a-time, same model, same run."""
+    from model import VLA
+
+    print(f"machine: {machine()}")
+    print(f"serve.py over 127.0.0.1, 256x256 json_numpy requests, batched = max_batch_size {config.max_batch_size}, "
+          f"max_wait_ms {config.max_wait_ms}; client threads run in this process")
+    print("tiny fixture (../shared/fixtures/openvla-tiny), fp32:")
+    tiny = VLA.from_pretrained(FIXTURE, dtype=torch.float32, device=config.device)
+    bench_serving("tiny", tiny, config, config.tiny_requests)
+    if not config.skip_mid:
+        print("mid config (real-size DINOv2-L + SigLIP-So400m, ~1B Llama-shaped LLM, random weights), fp32:")
+        mid = VLA.build("mid", dtype=torch.float32, device=config.device)
+        mid.config.norm_stats = tiny.norm_stats
+        bench_serving("mid", mid, config, config.mid_requests)
+
+
 if __name__ == "__main__":
     import tyro
 
-    tyro.extras.subcommand_cli_from_dict({"infer": infer})
+    tyro.extras.subcommand_cli_from_dict({"infer": infer, "serve": serve_bench})

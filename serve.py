@@ -246,6 +246,7 @@ class Batcher:
     def __init__(self, vla, max_batch_size: int, max_wait_ms: float, max_pending: int):
         self.vla, self.max_batch_size, self.max_wait_s, self.max_pending = vla, max_batch_size, max_wait_ms / 1e3, max_pending
         self.jobs: queue.Queue = queue.Queue()
+        self.n_batches = 0  # forwards run; requests / n_batches = mean batch size (in /health)
         self.thread = threading.Thread(target=self.run, name="model-worker", daemon=True)
         self.thread.start()
 
@@ -280,6 +281,7 @@ class Batcher:
                     break
                 batch.append(job)
             self.run_batch(batch)
+            self.n_batches += 1
             for job in batch:
                 job.batch_size = len(batch)
                 job.done.set()
@@ -312,6 +314,7 @@ class PolicyServer(ThreadingHTTPServer):
     """Binds at construction (a busy port fails before the model loads); attach(vla) starts the model worker."""
 
     daemon_threads = False  # server_close() then joins the request threads: requests in flight finish on shutdown
+    request_queue_size = 128  # listen backlog; the default 5 drops connections from bursts of clients (1 s retries)
 
     def __init__(self, config: ServeConfig):
         self.config, self.vla, self.batcher = config, None, None
@@ -429,7 +432,8 @@ class Handler(BaseHTTPRequestHandler):
             "status": "ok", "model": server.config.checkpoint, "device": str(weight.device),
             "dtype": str(weight.dtype).removeprefix("torch."), "unnorm_keys": sorted(vla.norm_stats),
             "uptime_s": round(time.monotonic() - server.started, 1), "requests_served": counts["served"],
-            "requests_failed": counts["failed"], "max_batch_size": server.config.max_batch_size,
+            "requests_failed": counts["failed"], "batches": server.batcher.n_batches,
+            "max_batch_size": server.config.max_batch_size,
             "max_wait_ms": server.config.max_wait_ms,
         }
 
