@@ -240,7 +240,8 @@ class Batcher:
     """Collects concurrent requests into batches of up to max_batch_size for one predict_actions call each.
 
     The worker takes the first waiting job, then waits at most max_wait_ms for more; requests that arrive while the
-    model runs queue up and form the next batch, so under load batches fill without waiting at all.
+    model runs queue up and form the next batch, so under load batches fill without waiting at all. A lone client
+    never waits: the batch is held open only when others are queued or the previous batch was shared.
     """
 
     def __init__(self, vla, max_batch_size: int, max_wait_ms: float, max_pending: int):
@@ -265,12 +266,13 @@ class Batcher:
         self.thread.join()
 
     def run(self):
-        stop = False
+        stop, last_size = False, 1
         while not stop:
             job = self.jobs.get()
             if job is None:
                 return
-            batch, deadline = [job], time.monotonic() + self.max_wait_s
+            wait = self.max_wait_s if last_size > 1 or self.jobs.qsize() else 0.0
+            batch, deadline = [job], time.monotonic() + wait
             while len(batch) < self.max_batch_size:
                 try:
                     job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -281,7 +283,7 @@ class Batcher:
                     break
                 batch.append(job)
             self.run_batch(batch)
-            self.n_batches += 1
+            self.n_batches, last_size = self.n_batches + 1, len(batch)
             for job in batch:
                 job.batch_size = len(batch)
                 job.done.set()
@@ -388,7 +390,7 @@ class Handler(BaseHTTPRequestHandler):
         job = self.server.batcher.submit(image, instruction, unnorm_key)
         self.batch_size = job.batch_size
         if job.error:
-            raise HTTPError(500, f"model failed: {job.error}", "the same request may work after the fix; see the server log")
+            raise HTTPError(500, f"model failed: {job.error}", "a valid request; the traceback is in the server log")
         return encode_action(job.action, form), "application/json"
 
     def check_token(self):
@@ -446,9 +448,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting; nothing left to tell it
+            log.info("%s went away before its %d answer", self.client_address[0], status)
 
     def send_error(self, code, message=None, explain=None):
         # http.server calls this for what it rejects itself: a bad request line, overlong headers, and any method

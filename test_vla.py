@@ -410,6 +410,346 @@ def test_bf16_model_runs_and_matches_fp32_tokens(expected, fixture_vla):
 
 # ---- data.py ------------------------------------------------------------------------------------------------------
 
+import hashlib  # noqa: E402
+import itertools  # noqa: E402
+import shutil  # noqa: E402
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+
+GOLDEN = SHARED / "data" / "golden" / "bridge_orig"
+BRIDGE_SAMPLE = SHARED / "data" / "bridge_dataset" / "1.0.0"
+
+
+def _bridge_features(F, size, state=True):
+    """bridge_orig's real feature names and dtypes (shared/data/bridge_dataset/1.0.0/features.json), small images."""
+    image = F.Image(shape=(size, size, 3), dtype=np.uint8, encoding_format="jpeg")
+    return {
+        "steps": F.Dataset({
+            "observation": F.FeaturesDict({**{f"image_{k}": image for k in range(4)},
+                                           **({"state": F.Tensor(shape=(7,), dtype=np.float32)} if state else {})}),
+            "action": F.Tensor(shape=(7,), dtype=np.float32), "language_instruction": F.Text(),
+            "language_embedding": F.Tensor(shape=(512,), dtype=np.float32), "reward": F.Scalar(dtype=np.float32),
+            "discount": F.Scalar(dtype=np.float32), "is_first": F.Scalar(dtype=np.bool_),
+            "is_last": F.Scalar(dtype=np.bool_), "is_terminal": F.Scalar(dtype=np.bool_)}),
+        "episode_metadata": F.FeaturesDict({"file_path": F.Text(), "episode_id": F.Scalar(dtype=np.int32),
+                                            **{f"has_image_{k}": F.Scalar(dtype=np.bool_) for k in range(4)},
+                                            "has_language": F.Scalar(dtype=np.bool_)}),
+    }
+
+
+def _libero_features(F, size):
+    """OpenVLA's regenerated LIBERO (*_no_noops) feature names and dtypes, small images."""
+    image = F.Image(shape=(size, size, 3), dtype=np.uint8, encoding_format="jpeg")
+    return {
+        "steps": F.Dataset({
+            "observation": F.FeaturesDict({"image": image, "wrist_image": image,
+                                           "state": F.Tensor(shape=(8,), dtype=np.float32),
+                                           "joint_state": F.Tensor(shape=(7,), dtype=np.float32)}),
+            "action": F.Tensor(shape=(7,), dtype=np.float32), "language_instruction": F.Text(),
+            "reward": F.Scalar(dtype=np.float32), "discount": F.Scalar(dtype=np.float32),
+            "is_first": F.Scalar(dtype=np.bool_), "is_last": F.Scalar(dtype=np.bool_),
+            "is_terminal": F.Scalar(dtype=np.bool_)}),
+        "episode_metadata": F.FeaturesDict({"file_path": F.Text()}),
+    }
+
+
+def _solid(value, size=16):
+    return np.full((size, size, 3), value, np.uint8)
+
+
+def _bridge_episode(rng, i, T, instruction):
+    gripper = rng.choice([0.0, 1.0, 0.5, 0.02, 0.97, 0.3], size=T).astype(np.float32)  # decided and in-between values
+    state = rng.normal(size=(T, 7)).astype(np.float32)
+    steps = [{"observation": {**{f"image_{k}": _solid((20 * t, 10 * i, 40 * k)) for k in range(4)}, "state": state[t]},
+              "action": np.r_[rng.normal(size=6), gripper[t]].astype(np.float32), "language_instruction": instruction,
+              "language_embedding": np.zeros(512, np.float32), "reward": 0.0, "discount": 1.0,
+              "is_first": t == 0, "is_last": t == T - 1, "is_terminal": t == T - 1} for t in range(T)]
+    meta = {"file_path": f"ep{i}", "episode_id": i, **{f"has_image_{k}": True for k in range(4)}, "has_language": True}
+    return {"steps": steps, "episode_metadata": meta}
+
+
+def _libero_episode(rng, i, T):
+    steps = [{"observation": {"image": _solid((20 * t, 10 * i, 0)), "wrist_image": _solid(0),
+                              "state": rng.normal(size=8).astype(np.float32), "joint_state": np.zeros(7, np.float32)},
+              "action": np.r_[rng.normal(size=6), rng.uniform(-1, 1)].astype(np.float32),
+              "language_instruction": f"libero task {i}", "reward": 0.0, "discount": 1.0,
+              "is_first": t == 0, "is_last": t == T - 1, "is_terminal": t == T - 1} for t in range(T)]
+    return {"steps": steps, "episode_metadata": {"file_path": f"ep{i}"}}
+
+
+@pytest.fixture(scope="module")
+def rlds_root(tmp_path_factory):
+    """Tiny bridge_orig (train + val, one unlabeled episode) and libero_spatial_no_noops (train only) datasets."""
+    import tensorflow_datasets as tfds
+
+    root, rng, F = tmp_path_factory.mktemp("rlds"), np.random.default_rng(0), tfds.features
+    train = [_bridge_episode(rng, i, int(rng.integers(4, 9)), f"put block {i} in the bowl" if i != 3 else "")
+             for i in range(8)]
+    val = [_bridge_episode(rng, 100 + i, 5, f"val task {i}") for i in range(2)]
+    data.write_rlds(root, "bridge_orig", _bridge_features(F, 16), {"train": train, "val": val})
+    libero = [_libero_episode(rng, i, int(rng.integers(3, 7))) for i in range(20)]
+    data.write_rlds(root, "libero_spatial_no_noops", _libero_features(F, 16), {"train": libero})
+    return root, {"train": train, "val": val, "libero": libero}
+
+
+def _episodes(builder, name, split):
+    return [ep for _, ep in data.read_episodes(builder, name, split)]
+
+
+def test_data_golden_bridge_statistics_frames_tokens(tmp_path, fixture_tokenizer):
+    """The real BridgeData sample read as bridge_orig reproduces the original pipeline's golden outputs."""
+    gold = json.loads((GOLDEN / "expected.json").read_text())
+    (tmp_path / "bridge_orig" / "1.0.0").mkdir(parents=True)  # the original expects <root>/bridge_orig/<version>
+    for f in BRIDGE_SAMPLE.iterdir():
+        (tmp_path / "bridge_orig" / "1.0.0" / f.name).symlink_to(f)
+    ds = data.RLDSDataset(tmp_path, "bridge", fixture_tokenizer, train=False, split="train", shuffle_buffer_size=0)
+    stats, ref = ds.norm_stats["bridge_orig"], json.loads((GOLDEN / "dataset_statistics.json").read_text())["bridge_orig"]
+    for key in ("action", "proprio"):
+        for k, v in ref[key].items():
+            np.testing.assert_allclose(np.array(stats[key][k], float), np.array(v, float), rtol=1e-5, atol=1e-6)
+    assert (stats["num_transitions"], stats["num_trajectories"], stats["action"]["mask"]) == (400, 50, ref["action"]["mask"])
+    assert len(list((tmp_path / "bridge_orig" / "1.0.0").glob("dataset_statistics_*.json"))) == 1  # the cache file
+
+    raw = np.concatenate([ep["action"] for ep in _episodes(ds.builders[0], "bridge_orig", "train")])
+    np.testing.assert_allclose(raw, np.load(GOLDEN / "actions_raw.npy"), atol=1e-6)
+    frames = list(ds.frames())
+    assert len(frames) == gold["frames"]["count"] == 200
+    np.testing.assert_allclose(np.stack([f["action"] for f in frames]), np.load(GOLDEN / "actions_normalized.npy"), atol=1e-6)
+    assert [ds.action_tokenizer.encode(f["action"]).tolist() for f in frames] == gold["frames"]["all_action_token_ids"]
+    assert [hashlib.sha256(f["image"].tobytes()).hexdigest() for f in frames] == gold["frames"]["all_image_sha256"]
+    assert [f["instruction"] for f in frames[::8]] == gold["frames"]["trajectory_instructions"]
+    batch = data.collate([ds.example(f) for f in frames])
+    for key in ("input_ids", "labels", "attention_mask"):
+        np.testing.assert_array_equal(batch[key].numpy(), np.load(GOLDEN / f"batch_all_{key}.npy"))
+    assert batch["pixel_values"].shape == (200, 6, 224, 224) and batch["pixel_values"].dtype == torch.float32
+    (dino_mean, dino_std), (sig_mean, sig_std) = data.OPENVLA_IMAGE_NORM  # channels: (x / 255 - mean) / std per view
+    x = torch.from_numpy(np.load(GOLDEN / "frame0_image_224_uint8.npy")).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(batch["pixel_values"][0, :3], (x - torch.tensor(dino_mean)[:, None, None]) / torch.tensor(dino_std)[:, None, None])
+    torch.testing.assert_close(batch["pixel_values"][0, 3:], (x - 0.5) / 0.5)
+
+
+def test_data_golden_augmentation_is_exact():
+    gold = json.loads((GOLDEN / "expected.json").read_text())["augmentation"]["seeded_cases"]["cases"]
+    image = np.load(GOLDEN / "frame0_image_224_uint8.npy")
+    for case in gold:
+        out = data.augment_image(image, case["seed"]).numpy()
+        np.testing.assert_array_equal(out, np.load(GOLDEN / case["file"]))
+    assert not np.array_equal(data.augment_image(image, [0, 1]).numpy(), data.augment_image(image, [0, 2]).numpy())
+
+
+def test_data_standardization_bridge_libero_fractal(rlds_root):
+    root, eps = rlds_root
+    bridge = data.open_dataset(root, "bridge_orig")
+    by_instruction = {ep["steps"][0]["language_instruction"]: ep for ep in eps["train"]}
+    for where, out in data.read_episodes(bridge, "bridge_orig", "train"):  # tfds stores episodes in its own order
+        s = by_instruction[out["instruction"][0].decode()]["steps"]
+        state = np.stack([x["observation"]["state"] for x in s])
+        g = [x["action"][6] for x in s]
+        # independent gripper rule: each in-between value takes the next decided one, else the episode's last raw value
+        decided = [next((float(v > 0.95) for v in g[t:] if v > 0.95 or v < 0.05), g[-1]) for t in range(len(g))]
+        expect = np.concatenate([state[2:, :6] - state[1:-1, :6], np.array(decided[1:-1])[:, None]], axis=1)
+        np.testing.assert_allclose(out["action"], expect, atol=1e-6)
+        assert len(out["image"]) == len(s) - 2 and list(out["instruction"]) == [x["language_instruction"].encode() for x in s[1:-1]]
+        red = [data.decode_and_resize(b, 16).numpy()[..., 0].mean() for b in out["image"]]
+        np.testing.assert_allclose(red, [20 * (t + 1) for t in range(len(s) - 2)], atol=3)  # frame t = raw step t+1
+    libero = data.open_dataset(root, "libero_spatial_no_noops")
+    outs = _episodes(libero, "libero_spatial_no_noops", "all")
+    assert data.split_names(libero) == ("train[:95%]", "train[95%:]")
+    by_path = {ep["episode_metadata"]["file_path"]: ep for ep in eps["libero"]}
+    for out in outs:
+        ep = by_path["ep" + out["instruction"][0].decode().split()[-1]]
+        a = np.stack([x["action"] for x in ep["steps"]])
+        np.testing.assert_allclose(out["action"], np.c_[a[:, :6], 1 - np.clip(a[:, 6], 0, 1)], atol=1e-7)
+        assert len(out["wrist_image"]) == len(a) and out["proprio"].shape == (len(a), 8)
+    # fractal's relative gripper: open < -0.1, close > 0.1; the start is the opposite of the first command
+    np.testing.assert_array_equal(data.rel2abs_gripper_actions(np.array([0, 0, 0.5, 0, -0.5, 0.05])), [1, 1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(data.rel2abs_gripper_actions(np.array([0, -1.0, 0])), [0, 1, 1])
+    np.testing.assert_array_equal(data.rel2abs_gripper_actions(np.zeros(3)), [1, 1, 1])
+    steps = {"observation": {"image": np.array([b"a", b"b"]), "natural_language_instruction": np.array([b"x", b"y"])},
+             "action": {"world_vector": np.ones((2, 3), np.float32), "rotation_delta": np.zeros((2, 3), np.float32),
+                        "gripper_closedness_action": np.array([[0.0], [1.0]], np.float32)}}
+    out = data.fractal20220817_data(steps)
+    np.testing.assert_array_equal(out["action"], [[1, 1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0, 0]])
+
+
+def test_data_statistics_match_numpy_and_are_cached(rlds_root):
+    root, eps = rlds_root
+    builder = data.open_dataset(root, "bridge_orig")
+    actions = np.concatenate([ep["action"] for ep in _episodes(builder, "bridge_orig", "all")])
+    n_steps = sum(len(ep["steps"]) for ep in eps["train"] + eps["val"])
+    stats = data.dataset_statistics(builder, "bridge_orig")
+    assert stats["num_trajectories"] == 10 and stats["num_transitions"] == n_steps - 2 * 10 == len(actions)  # incl. unlabeled + val
+    np.testing.assert_allclose(stats["action"]["q01"], np.quantile(actions.astype(np.float64), 0.01, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["action"]["std"], actions.astype(np.float64).std(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["action"]["max"], actions.max(0))
+    assert stats["proprio"]["max"] == [0.0] * 7  # OpenVLA loads no proprio
+    cache = next(Path(builder.data_dir).glob("dataset_statistics_*.json"))
+    cache.write_text(json.dumps({**stats, "num_trajectories": -1}))  # a cached file is read, not recomputed
+    assert data.dataset_statistics(builder, "bridge_orig")["num_trajectories"] == -1
+    cache.write_text(json.dumps(stats))
+    out = tmp = Path(builder.data_dir).parent / "run_stats.json"
+    data.save_dataset_statistics(data.load_norm_stats(root, "bridge"), out)
+    saved = json.loads(tmp.read_text())["bridge_orig"]
+    assert saved["action"]["mask"] == [True] * 6 + [False] and saved["num_transitions"] == stats["num_transitions"]
+
+
+def test_data_normalization_round_trip_and_label_layout(rlds_root, fixture_tokenizer):
+    from tokenizer import unnormalize_actions
+
+    root, _ = rlds_root
+    ds = data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, image_size=32, train=False, split="train", shuffle_buffer_size=0)
+    raw = np.concatenate([ep["action"] for ep in _episodes(ds.builders[0], "bridge_orig", "train") if any(ep["instruction"])])
+    norm = np.stack([f["action"] for f in ds.frames()])
+    assert len(norm) == len(raw) and np.all(np.abs(norm) <= 1)  # the unlabeled episode is not trained on
+    s = ds.norm_stats["bridge_orig"]["action"]
+    inside = np.all((raw[:, :6] > s["q01"][:6]) & (raw[:, :6] < s["q99"][:6]), axis=1)
+    back = unnormalize_actions(norm, ds.norm_stats, "bridge_orig")
+    np.testing.assert_allclose(back[inside], raw[inside], atol=1e-5)  # exact inverse inside [q01, q99]
+    np.testing.assert_array_equal(norm[:, 6], raw[:, 6])  # gripper passes through
+    examples = list(itertools.islice(iter(ds), 5))
+    batch = data.collate(examples)
+    for e, ids, labels, mask in zip(examples, batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = len(e["input_ids"])
+        assert (labels[: n - 8] == -100).all() and (labels[n - 8 : n] == ids[n - 8 : n]).all() and ids[n - 1] == 2
+        assert (ids[n - 8 : n - 1] >= 31744).all() and ids[n - 9] == 29871 and ids[0] == 1
+        assert (ids[n:] == 32000).all() and (labels[n:] == -100).all() and mask.sum() == n
+
+
+def test_data_mixture_proportions(rlds_root, fixture_tokenizer, monkeypatch):
+    root, _ = rlds_root
+    monkeypatch.setitem(data.MIXTURES, "test_mix", [("bridge_orig", 1.0), ("libero_spatial_no_noops", 0.5)])
+    ds = data.RLDSDataset(root, "test_mix", fixture_tokenizer, image_size=16, shuffle_buffer_size=50, seed=3)
+    n = 1500
+    names = [f[0][0] for f, _ in zip(ds._stream(np.random.default_rng(1)), range(n))]  # no decoding needed
+    sizes = np.array([ds.norm_stats[k]["num_transitions"] for k in ds.names])
+    p = 1.0 * sizes[0] / (1.0 * sizes[0] + 0.5 * sizes[1])  # weight x num_transitions, normalized
+    assert abs(np.mean(np.array(names) == 0) - p) < 4 * np.sqrt(p * (1 - p) / n)
+    assert ds.dataset_length == int(sizes[0] / p)  # the original's length: primary (weight 1.0) datasets
+
+
+def _ids(ds, n):
+    return [(f["instruction"], tuple(np.round(f["action"], 5))) for f in itertools.islice(ds.frames(), n)]
+
+
+def test_data_rank_split_disjoint_covering_and_seeded(rlds_root, fixture_tokenizer):
+    root, _ = rlds_root
+    kw = dict(image_size=16, train=False, split="train", shuffle_buffer_size=0)
+    everything = _ids(data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, **kw), 10**6)
+    parts = [_ids(data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, rank=r, world=3, **kw), 10**6) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(everything) and len(set(sum(parts, []))) == len(everything)
+    # training streams: each rank repeats only its own episodes; same seed -> same stream, other seed -> another
+    train = [data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, image_size=16, shuffle_buffer_size=20, seed=5, rank=r,
+                              world=2) for r in range(2)]
+    seen = [set(f[0][2] for f, _ in zip(ds._stream(np.random.default_rng(0)), range(150))) for ds in train]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == {i.encode() for i, _ in everything}
+    again = data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, image_size=16, shuffle_buffer_size=20, seed=5, rank=0, world=2)
+    other = data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, image_size=16, shuffle_buffer_size=20, seed=6, rank=0, world=2)
+    assert _ids(again, 60) == _ids(train[0], 60) != _ids(other, 60)
+
+
+def test_data_resume_continues_the_same_stream(rlds_root, fixture_tokenizer):
+    root, _ = rlds_root
+    kw = dict(image_size=32, image_aug=True, shuffle_buffer_size=25, seed=11)
+    first = data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, **kw)
+    it, head = iter(first), []
+    for _ in range(13):
+        head.append(next(it))
+    state = first.state_dict()
+    tail = list(itertools.islice(it, 20))
+    resumed = data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a checkpoint's JSON / torch.save
+    again = list(itertools.islice(iter(resumed), 20))
+    assert state["position"] == 13 and resumed.position == 33
+    for a, b in zip(tail, again):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    with pytest.raises(ValueError, match="seed"):
+        data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, **{**kw, "seed": 12}).load_state_dict(state)
+
+
+def test_data_augmentation_only_in_training(rlds_root, fixture_tokenizer):
+    root, _ = rlds_root
+    builder = data.open_dataset(root, "bridge_orig")
+    first = next(ep for ep in _episodes(builder, "bridge_orig", "val"))
+    plain = [data.decode_and_resize(b, 32).numpy() for b in first["image"]]
+    evaluation = data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, image_size=32, train=False, image_aug=True, shuffle_buffer_size=0)
+    assert all(np.array_equal(f["image"], p) for f, p in zip(evaluation.frames(), plain))
+    training = data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, image_size=32, image_aug=True, split="val", shuffle_buffer_size=0)
+    frames = list(itertools.islice(training.frames(), len(plain)))
+    assert sorted(f["instruction"] for f in frames) == sorted(x.decode() for x in first["instruction"])
+    assert not any(np.array_equal(f["image"], p) for f, p in zip(frames, plain))
+
+
+def test_data_errors_name_dataset_file_and_expectation(rlds_root, fixture_tokenizer, tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    root, eps = rlds_root
+    (tmp_path / "missing_root").mkdir()
+    with pytest.raises(data.DataError, match=r"no RLDS dataset at .*missing_root/bridge_orig/<version>/dataset_info.json"):
+        data.open_dataset(tmp_path / "missing_root", "bridge_orig")
+    with pytest.raises(data.DataError, match="not a directory"):
+        data.open_dataset(tmp_path / "nope", "bridge_orig")
+    with pytest.raises(data.DataError, match=r"unknown dataset or mixture 'bridge_v9'.*bridge_orig.*oxe_magic_soup_plus_minus"):
+        data.RLDSDataset(root, "bridge_v9", fixture_tokenizer)
+    with pytest.raises(data.DataError, match="not supported yet: kuka, taco_play"):
+        data.RLDSDataset(tmp_path / "nope", "oxe_magic_soup_plus_minus", fixture_tokenizer)  # before touching the disk
+    # bridge_orig written without observation/state: the error names the feature and the record
+    F = tfds.features
+    feats = _bridge_features(F, 16, state=False)
+    nostate = [{**ep, "steps": [{**s, "observation": {k: v for k, v in s["observation"].items() if k != "state"}}
+                                for s in ep["steps"]]} for ep in eps["train"][:2]]
+    data.write_rlds(tmp_path / "nostate", "bridge_orig", feats, {"train": nostate})
+    with pytest.raises(data.DataError, match=r"bridge_orig \(.*bridge_orig-train.tfrecord-00000-of-00001__\d+\): no feature 'steps/observation/state'"):
+        data.load_norm_stats(tmp_path / "nostate", "bridge_orig")
+    # wrong action dimension from a user's standardization function
+    monkeypatch.setitem(data.DATASETS, "six_dof", lambda s: {**data.libero(s), "action": s["action"][:, :6]})
+    shutil.copytree(root / "libero_spatial_no_noops", tmp_path / "r6" / "six_dof")
+    with pytest.raises(data.DataError, match=r"six_dof .*: standardized action has shape \(\d+, 6\), expected \(T, 7\)"):
+        data.load_norm_stats(tmp_path / "r6", "six_dof")
+    # empty: bridge episodes of 2 steps leave no frame after dropping the first and last
+    data.write_rlds(tmp_path / "empty", "bridge_orig", _bridge_features(F, 16),
+                    {"train": [_bridge_episode(np.random.default_rng(0), 0, 2, "x")]})
+    with pytest.raises(data.DataError, match=r"bridge_orig: .*empty/bridge_orig/1.0.0 holds no steps"):
+        data.load_norm_stats(tmp_path / "empty", "bridge_orig")
+    # a corrupt record: flip bytes in the middle of the tfrecord
+    shutil.copytree(root / "libero_spatial_no_noops", tmp_path / "bad" / "libero_spatial_no_noops")
+    shard = next((tmp_path / "bad" / "libero_spatial_no_noops").rglob("*.tfrecord-*"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(data.DataError, match=r"libero_spatial_no_noops: corrupt record .*libero_spatial_no_noops-train.tfrecord-00000-of-00001"):
+        data.load_norm_stats(tmp_path / "bad", "libero_spatial_no_noops")
+
+
+def _pixel_expert(image, instruction):
+    """Solve the demo from pixels alone: find the named block's and the gripper's centres, step towards the block."""
+    S = image.shape[0]
+    to_table = lambda idx: (np.array(idx).mean(axis=1) + 0.5) / S * 2.2 - 1.1  # noqa: E731  (pixel centre -> table units)
+    color = np.array(data.DEMO_COLORS[instruction.split()[-2]])
+    block = to_table(np.nonzero(np.all(np.abs(image.astype(int) - color) < 8, axis=-1))[::-1])
+    gripper = to_table(np.nonzero(np.all(image < 40, axis=-1))[::-1])
+    d = block - gripper
+    move = np.where(np.abs(d) > data.DEMO_STEP / 2, np.sign(d) * data.DEMO_STEP, 0.0)
+    return np.array([*move, 0, 0, 0, 0, float(move.any())])
+
+
+def test_data_demo_world_rlds_and_closed_loop(tmp_path, fixture_tokenizer):
+    path = data.main(data.DataConfig(make_demo=tmp_path, demo_episodes=20, seed=1))
+    assert path == tmp_path / "nanovla_demo" / "1.0.0" and (path / "features.json").is_file()
+    ds = data.RLDSDataset(tmp_path, "nanovla_demo", fixture_tokenizer, train=False, split="train", shuffle_buffer_size=0)
+    frames = list(ds.frames())
+    env = data.DemoEnv(seed=1)
+    episodes = [data.demo_episode(env) for _ in range(20)]
+    assert ds.norm_stats["nanovla_demo"]["num_trajectories"] == 20
+    assert ds.norm_stats["nanovla_demo"]["num_transitions"] == sum(len(e["steps"]) for e in episodes)
+    assert len(frames) == sum(len(e["steps"]) for e in episodes[2:])  # 10% validation
+    assert all(f["image"].shape == (224, 224, 3) and f["instruction"].startswith("move to the ") for f in frames)
+    tokens = np.stack([ds.action_tokenizer.encode(f["action"]) for f in frames])
+    assert set(np.unique(tokens[:, :2])) <= {31999, 31872, 31745, 31744} and (tokens[:, 2:6] == 31872).all()
+    assert data.demo_success_rate(_pixel_expert, episodes=20) == 1.0  # solvable from image + instruction alone
+    assert data.demo_success_rate(lambda image, instruction: np.zeros(7), episodes=20) == 0.0
+
 
 # ---- train.py -----------------------------------------------------------------------------------------------------
 
@@ -637,12 +977,12 @@ def test_serve_16_concurrent_clients_are_batched_and_correct(served, expected):
 
 
 class _FakeVLA:
-    """Stands in for the model: records batch sizes, can be slow, and breaks on the instruction 'explode'."""
+    """Stands in for the model: records batch sizes, takes 0.5 s on 'slow', and breaks on 'explode'."""
 
     def __init__(self):
         import torch
 
-        self.norm_stats, self.delay, self.batches, self.started = {"fake": {}}, 0.0, [], threading.Event()
+        self.norm_stats, self.batches, self.started = {"fake": {}}, [], threading.Event()
         self.weight = torch.zeros(1)
 
     def parameters(self):
@@ -651,7 +991,7 @@ class _FakeVLA:
     def predict_actions(self, images, instructions, unnorm_key=None):
         self.batches.append(len(images))
         self.started.set()
-        time.sleep(self.delay)
+        time.sleep(0.5 if "slow" in instructions else 0.0)
         if "explode" in instructions:
             raise RuntimeError("boom")
         return np.array([[float(len(s))] * 7 for s in instructions])
@@ -666,15 +1006,18 @@ def test_serve_model_failure_is_500_and_stop_finishes_requests_in_flight():
     port = server.server_address[1]
     post = lambda text: _http(port, "POST", "/act", json.dumps({"image": [[[0, 0, 0]]], "instruction": text}).encode())
     try:
-        with ThreadPoolExecutor(4) as pool:  # one batch; the failing request must fail alone
+        with ThreadPoolExecutor(5) as pool:
+            slow = pool.submit(post, "slow")  # keeps the worker busy while the next four queue up: one batch of 4
+            assert fake.started.wait(10)
             results = list(pool.map(post, ["explode", "abc", "abcd", "abcde"]))
-        assert results[0][0] == 500 and "boom" in json.loads(results[0][2])["error"]
+        assert slow.result()[0] == 200
+        assert results[0][0] == 500 and "boom" in json.loads(results[0][2])["error"]  # the failing request fails alone
         assert [json.loads(r[2]) for r in results[1:]] == [[3.0] * 7, [4.0] * 7, [5.0] * 7]
-        assert fake.batches[0] == 4 and fake.batches[1:] == [1, 1, 1, 1], fake.batches
+        assert fake.batches == [1, 4, 1, 1, 1, 1], fake.batches
         assert post("ok")[0] == 200  # the server keeps serving
-        fake.delay, fake.started = 0.5, threading.Event()
+        fake.started = threading.Event()
         with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(post, "in flight")
+            in_flight = pool.submit(post, "slow")
             assert fake.started.wait(10)
             server.stop()  # what SIGINT/SIGTERM run in main()
             assert in_flight.result(timeout=30)[0] == 200
