@@ -249,13 +249,14 @@ def standardize(name: str, episode: dict, where: str) -> dict:
     return {**out, "action": action}
 
 
-def read_episodes(builder, name: str, split: str, shuffle_seed: int | None = None):
-    """Standardized episodes of `split` in file order (or a seeded file order); images stay encoded bytes."""
+def read_episodes(builder, name: str, split: str, shuffle_seed: int | None = None, repeat: bool = False):
+    """Standardized episodes of `split` in file order (or a seeded file order, reshuffled each pass when repeating);
+    images stay encoded bytes."""
     ds = builder.as_dataset(
         split=split, shuffle_files=shuffle_seed is not None, decoders={"steps": tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(add_tfds_id=True, shuffle_seed=shuffle_seed),  # tfds_id = "<file>__<record>"
     )
-    episodes = iter(tfds.as_numpy(ds))
+    episodes = iter(tfds.as_numpy(ds.repeat() if repeat else ds))
     while True:
         try:
             episode = next(episodes)
@@ -372,9 +373,14 @@ def random_resized_crop(x, seed):
 
 
 def to_pixel_values(image: np.ndarray, image_norm=OPENVLA_IMAGE_NORM) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3 * len(image_norm), H, W): x / 255 normalized once per vision backbone."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
-    return torch.cat([(x - torch.tensor(m).view(3, 1, 1)) / torch.tensor(s).view(3, 1, 1) for m, s in image_norm])
+    """uint8 (H, W, 3) -> float32 (3 * len(image_norm), H, W): x / 255 normalized once per vision backbone.
+
+    The same float32 operations as torchvision's to_tensor + Normalize, in numpy: single-threaded numpy does not
+    fight TF's thread pools the way torch's OpenMP threads do on a small machine.
+    """
+    x = np.asarray(image, np.float32).transpose(2, 0, 1) / np.float32(255)
+    views = [(x - np.float32(m)[:, None, None]) / np.float32(s)[:, None, None] for m, s in image_norm]
+    return torch.from_numpy(np.concatenate(views))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,21 +424,23 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self._decode = tf.function(lambda b: decode_and_resize(b, image_size), input_signature=[tf.TensorSpec([], tf.string)])
 
     def _episodes(self, i: int):
-        """(where, episode) of dataset i: this rank's slice of its split; forever when training."""
+        """(where, episode) of dataset i: this rank's slice of its split (tfds even_splits: disjoint, covering);
+        forever, in a seeded file order, when training."""
         split = tfds.even_splits(self.splits[i], n=self.world)[self.rank] if self.world > 1 else self.splits[i]
-        for epoch in itertools.count():
-            shuffle_seed = int(np.random.SeedSequence([self.seed, self.rank, i, epoch]).generate_state(1)[0]) if self.train else None
-            n = 0
-            for where, ep in read_episodes(self.builders[i], self.names[i], split, shuffle_seed):
-                if not any(len(s) for s in ep["instruction"]):
-                    continue  # skip_unlabeled: trajectories without any instruction are not trained on
-                n += 1
+        n_split = self.builders[i].info.splits[split].num_examples
+        shuffle_seed = int(np.random.SeedSequence([self.seed, self.rank, i]).generate_state(1)[0]) if self.train else None
+        unlabeled_run = 0
+        for where, ep in read_episodes(self.builders[i], self.names[i], split, shuffle_seed, repeat=self.train):
+            if any(len(s) for s in ep["instruction"]):
+                unlabeled_run = 0
                 yield where, ep
-            if n == 0:
-                raise DataError(f"{self.names[i]}: split {split!r} of {self.builders[i].data_dir} has no labeled "
-                                f"episodes for rank {self.rank} of {self.world}")
-            if not self.train:
-                return
+                continue
+            unlabeled_run += 1  # skip_unlabeled: trajectories without any instruction are not trained on
+            if unlabeled_run >= n_split:  # a whole pass without a labeled episode: a repeat would loop forever
+                break
+        if unlabeled_run or n_split == 0:
+            raise DataError(f"{self.names[i]}: split {split!r} of {self.builders[i].data_dir} has no labeled "
+                            f"episodes for rank {self.rank} of {self.world}")
 
     def _frames(self, i: int):
         """(dataset index, image bytes, instruction bytes, normalized action float32 (7,), where) of dataset i."""
@@ -485,11 +493,14 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             self.position += 1
             yield {"image": image, "action": action, "instruction": instruction.decode(), "dataset_name": self.names[i]}
 
+    def example(self, frame: dict) -> dict:
+        """A decoded frame -> model inputs (tokenizer.py builds the ids and labels, REF 5.2)."""
+        input_ids, labels = training_example(self.tokenizer, self.action_tokenizer, frame["instruction"], frame["action"])
+        return {"pixel_values": to_pixel_values(frame["image"], self.image_norm), "input_ids": torch.tensor(input_ids),
+                "labels": torch.tensor(labels), "dataset_name": frame["dataset_name"]}
+
     def __iter__(self):
-        for frame in self.frames():
-            input_ids, labels = training_example(self.tokenizer, self.action_tokenizer, frame["instruction"], frame["action"])
-            yield {"pixel_values": to_pixel_values(frame["image"], self.image_norm), "input_ids": torch.tensor(input_ids),
-                   "labels": torch.tensor(labels), "dataset_name": frame["dataset_name"]}
+        return map(self.example, self.frames())
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "rank": self.rank, "world": self.world, "mixture": self.mixture}
