@@ -1,0 +1,473 @@
+"""Full VLA training with raw torch FSDP2: bf16 compute, fp32 master weights, activation checkpointing, accumulation,
+sharded checkpoints that resume exactly, and an export in the released OpenVLA layout.
+
+    python train.py                                   # laptop demo: tiny model on the demo task (CPU, < 10 min)
+    python serve.py                                   # serves what the demo exported (checkpoints/demo)
+    torchrun --nproc-per-node 2 train.py --config.max-steps 50       # the same loop, 2 processes (gloo on CPU)
+    torchrun --nproc-per-node 8 train.py --config.global-batch-size 256 --config.data-root /data/oxe \
+        --config.data-mix bridge_orig --config.init-from checkpoints/openvla-7b --config.run-dir runs/bridge
+    torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host0:29500 train.py ...  # many nodes
+    ... --config.resume                               # continue a killed run exactly (same losses)
+
+One step, as the loop below does it (REFERENCE.md 10):
+    lr(step) -> A micro-batches: forward (bf16) + backward(loss / A), reduce-scatter only on the last
+    -> clip the global grad norm over the shards -> AdamW on this rank's fp32 shard -> log -> maybe save.
+Where bf16 starts and ends: each rank stores its shard of every parameter in fp32 (the master weights, and AdamW's
+state next to them); FSDP all-gathers a bf16 copy of a block just before it runs and frees it after; activations and
+gradients inside the model are bf16; FSDP casts gradients to fp32 before the reduce-scatter (reduce_dtype), so the
+sharded .grad, the clipping and the optimizer step are fp32. Logits are cast to fp32 in model.py before the loss.
+"""
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+import data
+from model import CONFIGS, VLA, init_weights, read_config, read_tensor, read_weight_headers
+from tokenizer import build_text_tokenizer, load_text_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    model: Literal["tiny", "mid", "openvla-7b"] | None = None
+    """architecture with random weights, and the recipe of defaults below; None: tiny, or init-from's architecture
+    with the openvla-7b recipe"""
+    init_from: Path | None = None
+    """an OpenVLA-layout directory (e.g. checkpoints/openvla-7b) whose weights start the run"""
+    data_root: Path = Path("runs/demo_data")
+    """directory of RLDS datasets (<data-root>/<name>/<version>/); the demo task is written here on first run"""
+    data_mix: str = "nanovla_demo"
+    """a dataset name or a mixture (data.py MIXTURES), e.g. bridge_orig or oxe_magic_soup_plus_minus"""
+    run_dir: Path = Path("runs/demo")
+    """checkpoints/, metrics.jsonl and train_config.json go here"""
+    export_dir: Path | None = None
+    """where the released-layout checkpoint is written at the end; None: the recipe's (checkpoints/demo for the
+    demo, which `python serve.py` loads; <run-dir>/export otherwise)"""
+    global_batch_size: int | None = None
+    """examples per optimizer step over all ranks; None: the recipe's (16 demo, 2048 openvla-7b)"""
+    per_device_batch_size: int | None = None
+    """examples per forward on one rank; accumulation = global / (per-device x world); None: global / world"""
+    learning_rate: float | None = None
+    """peak learning rate; None: the recipe's (2e-5 for openvla-7b)"""
+    schedule: Literal["constant", "warmup+cosine"] | None = None
+    """constant (the original's), or linear warmup then cosine decay to 0; None: the recipe's"""
+    warmup_ratio: float | None = None
+    """share of the steps spent warming up (warmup+cosine only)"""
+    weight_decay: float | None = None
+    """AdamW weight decay on matrices (biases, norms and 1-d params get none); None: the recipe's (0.0)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient L2 norm to this (the original's 1.0)"""
+    max_steps: int | None = None
+    """optimizer steps to train; None: from epochs"""
+    epochs: int | None = None
+    """passes over the mixture's length (data.py dataset_length) when max-steps is None"""
+    freeze_vision: bool = False
+    """freeze both ViTs (the original's "vla-train" stage: projector + LLM train)"""
+    freeze_llm: bool = False
+    """freeze the Llama decoder, embeddings and lm_head (projector, and vision unless frozen, train)"""
+    activation_checkpointing: bool | None = None
+    """recompute each ViT block and decoder layer in backward instead of storing its activations; None: recipe's"""
+    bf16: bool = True
+    """bf16 parameters and compute (fp32 master weights, optimizer and gradient reduce); False: all fp32"""
+    image_aug: bool = False
+    """the original's random crop and colour jitter (off for OpenVLA pretraining)"""
+    shuffle_buffer_size: int | None = None
+    """frames in the shuffle buffer per rank; None: the recipe's (256_000 for openvla-7b)"""
+    save_every: int | None = None
+    """write a sharded checkpoint every this many steps (and at the end)"""
+    keep_last: int = 2
+    """sharded checkpoints kept in <run-dir>/checkpoints (older ones are deleted once a newer one is complete)"""
+    resume: bool = False
+    """continue from the latest checkpoint in <run-dir>/checkpoints: weights, optimizer, step, data position, RNG"""
+    export_only: bool = False
+    """with resume: write the export from the latest checkpoint and stop"""
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """dtype of the exported weights (the release is bfloat16)"""
+    seed: int = 7
+    """seed of the initialization and of the data stream (the original's 7)"""
+    log_every: int = 10
+    """sync, print and record metrics every this many steps"""
+    eval_episodes: int = 50
+    """closed-loop demo episodes after training (demo task only; 0: skip), and the held-out accuracy with it"""
+    wandb_project: str | None = None
+    """also log to this Weights & Biases project (wandb is imported only when set)"""
+
+
+# None fields above take these values. openvla-7b is the original recipe (REFERENCE.md 10.1); the demo recipe is
+# what trains the tiny model on the demo task in a few minutes on 2 CPU cores.
+RECIPES = {
+    "openvla-7b": dict(global_batch_size=2048, learning_rate=2e-5, schedule="constant", warmup_ratio=0.0,
+                       weight_decay=0.0, epochs=1000, activation_checkpointing=True, shuffle_buffer_size=256_000,
+                       save_every=2500),
+    "tiny": dict(global_batch_size=16, learning_rate=2e-3, schedule="warmup+cosine", warmup_ratio=0.03,
+                 weight_decay=0.0, max_steps=600, activation_checkpointing=False, shuffle_buffer_size=10_000,
+                 save_every=200, export_dir=Path("checkpoints/demo")),
+}
+RECIPES["mid"] = RECIPES["openvla-7b"]
+
+
+def resolve(config: TrainConfig, world: int) -> tuple[TrainConfig, int]:
+    """Fill None fields from the recipe and check the batch arithmetic -> (config, accumulation steps)."""
+    recipe = RECIPES[config.model or ("openvla-7b" if config.init_from else "tiny")]
+    fill = {k: v for k, v in recipe.items() if getattr(config, k) is None and not (k == "epochs" and config.max_steps)}
+    config = replace(config, **fill)
+    if config.export_dir is None:
+        config = replace(config, export_dir=config.run_dir / "export")
+    if config.per_device_batch_size is None:
+        if config.global_batch_size % world:
+            raise ValueError(f"global-batch-size {config.global_batch_size} is not divisible by the world size {world}")
+        config = replace(config, per_device_batch_size=config.global_batch_size // world)
+    per_step = config.per_device_batch_size * world
+    if config.global_batch_size % per_step:
+        raise ValueError(f"global-batch-size {config.global_batch_size} is not divisible by per-device-batch-size "
+                         f"{config.per_device_batch_size} x world size {world} = {per_step}; pick numbers that divide")
+    if config.max_steps is None and config.epochs is None:
+        raise ValueError("set max-steps or epochs")
+    if config.export_only and not config.resume:
+        raise ValueError("export-only writes the export of the latest checkpoint: pass --config.resume too")
+    return config, config.global_batch_size // per_step
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """transformers' get_cosine_schedule_with_warmup (the original's warmup+cosine), or a constant."""
+    if config.schedule == "constant":
+        return config.learning_rate
+    warmup = int(total * config.warmup_ratio)
+    if step < warmup:
+        return config.learning_rate * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed at the edges: process group, sharding, materializing this rank's shard
+
+
+def setup_distributed():
+    """-> (rank, world, device). Under torchrun: one process per device from its env; else a 1-process group, so the
+    same FSDP code runs everywhere. gloo on CPU, nccl on CUDA."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            if cuda:
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            dist.init_process_group("nccl" if cuda else "gloo")
+        else:
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(vla: VLA, mesh, bf16: bool, checkpointing: bool):
+    """FSDP2 per ViT block and decoder layer, then the root (embeddings, patch embeds, projector, lm_head, norms).
+
+    A block unit is all-gathered (in bf16) just before it runs and freed after, so a rank holds one block's full
+    weights at a time. The last ViT block of each backbone never runs (features come from the second-to-last), so it
+    stays in the root unit: a unit that never runs forward breaks FSDP's bookkeeping for skipped-reduce accumulation.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    unused = set(vla.unused_parameter_names())
+    unused = {id(p) for name, p in vla.named_parameters() if name in unused}
+    for block in vla.blocks():
+        if not all(id(p) in unused for p in block.parameters()):
+            # checkpointing: backward re-runs the block's forward from its saved input (model.py run_block), so its
+            # activations are never stored: one (B, T, D) tensor per block instead of every intermediate
+            block.checkpointing = checkpointing
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(vla, mesh=mesh, mp_policy=mp)
+
+
+def materialize(vla: VLA, device, seed: int, init_from: Path | None = None, headers=None):
+    """Allocate this rank's shard of every parameter (fp32) and fill it: from init-from's safetensors one full tensor
+    at a time (so no rank ever holds a full fp32 model), or freshly initialized, one full tensor at a time from a seed
+    per parameter (the same weights for any world size)."""
+    vla.to_empty(device=device)
+    expected = dict(vla.named_parameters())
+    if headers is not None:
+        missing, unexpected = sorted(set(expected) - set(headers)), sorted(set(headers) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{init_from}: state-dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for i, (name, param) in enumerate(expected.items()):
+            if headers is not None:
+                full = read_tensor(headers, name).float()  # stored bf16 -> fp32 master, one tensor at a time
+                if tuple(full.shape) != tuple(param.shape):
+                    raise ValueError(f"{init_from}: {name} has shape {list(full.shape)}, the model {list(param.shape)}")
+            else:
+                full = torch.empty(param.shape)
+                torch.manual_seed(seed * 100_003 + i)
+                init_weights(types.SimpleNamespace(named_parameters=lambda: [(name, full)]))  # model.py's rule, 1 tensor
+            local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(local.to_local())  # src_data_rank=None: every rank has `full`, no communication
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: DCP shards written under a temporary name, renamed when complete
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step-*"))  # complete ones only: .tmp-* never matches
+
+
+def save_checkpoint(run_dir: Path, step: int, vla, optimizer, dataset, keep_last: int):
+    rank = dist.get_rank()
+    tmp, final = run_dir / "checkpoints" / f".tmp-step-{step:06d}", run_dir / "checkpoints" / f"step-{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    dist.barrier()
+    model_state, optim_state = get_state_dict(vla, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state, "step": step,
+              f"rank{rank}": rank_state(dataset)}, checkpoint_id=tmp)  # every rank writes its own shard files
+    dist.barrier()
+    if rank == 0:
+        tmp.rename(final)  # atomic: a checkpoint directory named step-* is always complete
+        for old in checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def rank_state(dataset) -> dict:
+    """What differs per rank: its data-stream position and its RNG states (under a per-rank key in the checkpoint)."""
+    state = {"data": dataset.state_dict(), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
+
+
+def load_checkpoint(path: Path, vla, optimizer, dataset) -> int:
+    rank = dist.get_rank()
+    model_state, optim_state = get_state_dict(vla, optimizer)
+    state = {"model": model_state, "optimizer": optim_state, "step": 0, f"rank{rank}": rank_state(dataset)}
+    dcp.load(state, checkpoint_id=path)  # fills the tensors in place, each rank reads the slices it owns
+    set_state_dict(vla, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    mine = state[f"rank{rank}"]
+    dataset.load_state_dict(mine["data"])  # fails clearly on a different world size, seed or mixture
+    torch.set_rng_state(mine["torch_rng"])
+    if "cuda_rng" in mine:
+        torch.cuda.set_rng_state(mine["cuda_rng"])
+    return int(state["step"])
+
+
+def export(vla, config: TrainConfig, model_config, tokenizer, tokenizer_dir, norm_stats) -> Path | None:
+    """Consolidated released-layout checkpoint, written by rank 0 from a full state dict gathered to its CPU."""
+    full = get_model_state_dict(vla, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
+    if dist.get_rank() != 0:
+        return None
+    dtype = getattr(torch, config.export_dtype)
+    with torch.device("meta"):
+        out = VLA(replace(model_config, norm_stats=norm_stats))
+    out.load_state_dict({k: v.to(dtype) for k, v in full.items()}, strict=True, assign=True)
+    out.tokenizer, out.tokenizer_dir = tokenizer, tokenizer_dir
+    out.save_pretrained(config.export_dir)
+    return config.export_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(config: TrainConfig) -> dict:
+    """Train, save, export; returns {"step", "history" (the metrics of every log step), "export", "params_local"
+    (this rank's share), "params_total", and on the demo (rank 0) "accuracy" (held out) and "success_rate"}."""
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    config, accumulation = resolve(config, world)
+    run_dir = config.run_dir
+    found = checkpoints(run_dir)
+    if found and not config.resume:
+        raise SystemExit(f"{run_dir} already has checkpoints ({found[-1].name}); pass --config.resume to continue "
+                         "it, or choose another --config.run-dir")
+
+    # -- model: shapes on meta, shard, then each rank materializes its shard ------------------------------------
+    headers = None
+    if config.init_from:
+        headers = read_weight_headers(config.init_from)
+        model_config, tokenizer = read_config(config.init_from, headers), load_text_tokenizer(config.init_from)
+    else:
+        model_config, tokenizer = CONFIGS[config.model or "tiny"], build_text_tokenizer()
+    if config.data_mix == "nanovla_demo" and not (config.data_root / "nanovla_demo").exists():
+        if is_main:
+            print(f"writing the demo task to {config.data_root} (once)")
+            data.make_demo(config.data_root)
+        dist.barrier()
+    dataset = data.RLDSDataset(config.data_root, config.data_mix, tokenizer, image_size=model_config.vision[0].image_size,
+                               image_norm=model_config.image_norm, train=True, image_aug=config.image_aug,
+                               shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed, rank=rank, world=world)
+    with torch.device("meta"):
+        vla = VLA(model_config)
+    vla.tokenizer = tokenizer
+    frozen = set(vla.unused_parameter_names())  # never influence the output: no gradient, kept out of AdamW
+    for name, p in vla.named_parameters():
+        if (name in frozen or (config.freeze_vision and name.startswith("vision_backbone."))
+                or (config.freeze_llm and name.startswith("language_model."))):
+            p.requires_grad_(False)
+    mesh = init_device_mesh(device.type, (world,))
+    shard(vla, mesh, config.bf16, config.activation_checkpointing)
+    materialize(vla, device, config.seed, config.init_from, headers)
+    vla.train()
+    params_local = sum(p.to_local().numel() for p in vla.parameters())
+    params_total = sum(p.numel() for p in vla.parameters())
+
+    # AdamW over this rank's fp32 shards. FSDP2's DTensors keep their original shapes, so "matrices decay, biases and
+    # 1-d params don't" works as intended (the original's flattened FSDP1 views put everything in no-decay).
+    trainable = [(n, p) for n, p in vla.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if p.ndim >= 2 and not n.endswith(".bias")], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in trainable if p.ndim < 2 or n.endswith(".bias")], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+    step = 0
+    if config.resume and found:
+        step = load_checkpoint(found[-1], vla, optimizer, dataset)
+        if is_main:
+            print(f"resumed from {found[-1]} at step {step}")
+    elif config.resume and is_main:
+        print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
+    total = config.max_steps or math.ceil(config.epochs * dataset.dataset_length / config.global_batch_size)
+    norm_stats = {**model_config.norm_stats, **dataset.norm_stats}  # the init's keys stay usable, new data overrides
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+        data.save_dataset_statistics(dataset.norm_stats, run_dir / "dataset_statistics.json")
+        trained = sum(p.numel() for _, p in trainable)
+        print(f"{params_total / 1e6:.1f}M parameters ({trained / 1e6:.1f}M trained), {world} rank(s) on {device.type}, "
+              f"batch {config.global_batch_size} = {world} x {config.per_device_batch_size} x {accumulation} "
+              f"accumulation, {total} steps, bf16 {config.bf16}, activation checkpointing {config.activation_checkpointing}")
+        if config.wandb_project:
+            import wandb
+
+            wandb.init(project=config.wandb_project, name=run_dir.name, config=asdict(config))
+
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=config.per_device_batch_size,
+                                              collate_fn=data.collate, num_workers=0))  # TF decodes in its own threads
+    # action metrics (REFERENCE.md 10.6): token id -> normalized value, from tokenizer.py's own decode
+    decode_table = torch.tensor(vla.action_tokenizer.decode(torch.arange(model_config.llm.vocab_size).numpy()),
+                                dtype=torch.float32, device=device)
+    # Device-side sums since the last log, synced only on log steps: loss, correct action tokens, action tokens,
+    # L1, micro-batches, samples. bad_step: the first step with a non-finite loss or gradient norm (-1: none).
+    window = torch.zeros(6, dtype=torch.float64, device=device)
+    bad_step = torch.tensor(-1, device=device)
+    history, t_log, steps_in_window = [], time.perf_counter(), 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    while step < total and not config.export_only:
+        lr = lr_at(step, total, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(accumulation):
+            batch = next(loader)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            # Reduce-scatter only after the last micro-batch; before it, FSDP keeps each block's unsharded gradient,
+            # upcast to fp32 (reduce_dtype), and adds to it. That costs memory: a full fp32 gradient per rank.
+            vla.set_requires_gradient_sync(micro == accumulation - 1)
+            out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                      text_logits_only=True)  # logits (B, T, V): row t predicts input_ids[:, t + 1]
+            # Each .backward() adds into .grad, and FSDP averages over ranks; dividing each micro-batch's mean loss by
+            # A makes the step's gradient the mean over all A x world micro-batches = one global batch when every
+            # example has the same number of supervised tokens (action_dim + EOS, as here).
+            (out.loss / accumulation).backward()
+            with torch.no_grad():
+                preds, gt = out.logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+                mask = gt > vla.action_tokenizer.begin_idx  # action tokens only: not EOS, not -100
+                l1 = (decode_table[preds] - decode_table[gt.clamp(min=0)]).abs()[mask].sum()
+                window += torch.stack([out.loss.detach().double(), ((preds == gt) & mask).sum().double(),
+                                       mask.sum().double(), l1.double(), window.new_tensor(1.0),
+                                       window.new_tensor(float(gt.shape[0]))])
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # same on every rank
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bad = ~(torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm))
+        bad_step = torch.where(bad & (bad_step < 0), torch.tensor(step + 1, device=device), bad_step)
+        step += 1
+        steps_in_window += 1
+
+        last = step == total
+        save = config.save_every and (step % config.save_every == 0 or last)
+        if step % config.log_every == 0 or last or save:
+            dist.all_reduce(window)  # sums over ranks: the only sync of a step, and only on log steps
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+            if int(bad_step) >= 0:
+                raise SystemExit(f"non-finite loss or gradient norm at step {int(bad_step)}; stopping. The last good "
+                                 f"checkpoint is {checkpoints(run_dir)[-1] if checkpoints(run_dir) else 'none'}")
+            s = window.tolist()
+            elapsed = time.perf_counter() - t_log
+            peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            metrics = {"step": step, "loss": s[0] / s[4], "action_accuracy": s[1] / max(s[2], 1),
+                       "l1_loss": s[3] / max(s[2], 1), "learning_rate": lr, "grad_norm": float(grad_norm),
+                       "samples_per_s": s[5] / elapsed, "step_time_s": elapsed / steps_in_window,
+                       "peak_memory_gb": peak / 2**30}
+            history.append(metrics)
+            window.zero_()
+            t_log, steps_in_window = time.perf_counter(), 0
+            if is_main:
+                eta = (total - step) * metrics["step_time_s"]
+                print(f"step {step}/{total} | loss {metrics['loss']:.4f} | acc {metrics['action_accuracy']:.3f} | "
+                      f"l1 {metrics['l1_loss']:.4f} | lr {lr:.2e} | {metrics['samples_per_s']:.1f} samples/s | "
+                      f"eta {int(eta // 60)}m{int(eta % 60):02d}s", end="\r" if sys.stdout.isatty() and not last else "\n",
+                      flush=True)
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if config.wandb_project:
+                    wandb.log(metrics, step=step)
+        if save:
+            path = save_checkpoint(run_dir, step, vla, optimizer, dataset, config.keep_last)
+            if is_main and sys.stdout.isatty():
+                print()
+            if is_main:
+                print(f"saved {path}")
+
+    result = {"step": step, "history": history, "params_local": params_local,
+              "params_total": params_total, "export": export(vla, config, model_config, tokenizer, config.init_from, norm_stats)}
+    if is_main:
+        print(f"exported {result['export']} (python serve.py --config.checkpoint {result['export']})")
+        if config.data_mix == "nanovla_demo" and config.eval_episodes:
+            result.update(evaluate_demo(config, model_config))
+        if config.wandb_project:
+            wandb.finish()
+    dist.barrier()
+    return result
+
+
+def evaluate_demo(config: TrainConfig, model_config) -> dict:
+    """Held-out action-token accuracy on the demo's val split, and closed-loop success in the demo world, both with
+    the exported checkpoint loaded back the way serve.py loads it."""
+    vla = VLA.from_pretrained(config.export_dir, dtype=torch.float32)
+    val = data.RLDSDataset(config.data_root, config.data_mix, vla.tokenizer, image_norm=model_config.image_norm,
+                           train=False, shuffle_buffer_size=0)
+    correct = n = 0
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(val, batch_size=32, collate_fn=data.collate):
+            logits = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], text_logits_only=True).logits
+            preds, gt = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+            mask = gt > vla.action_tokenizer.begin_idx
+            correct, n = correct + int(((preds == gt) & mask).sum()), n + int(mask.sum())
+    policy = lambda image, instruction: vla.predict_action(image, instruction, unnorm_key="nanovla_demo")  # noqa: E731
+    success = data.demo_success_rate(policy, episodes=config.eval_episodes)
+    print(f"held-out action-token accuracy {correct / n:.3f} ({n} tokens); closed-loop success {success:.0%} "
+          f"over {config.eval_episodes} demo episodes")
+    return {"accuracy": correct / n, "success_rate": success}
+
+
+if __name__ == "__main__":
+    import tyro
+
+    tyro.cli(main)
+    dist.destroy_process_group()
