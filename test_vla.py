@@ -189,6 +189,9 @@ def test_fixture_training_loss_accuracy_l1(expected, fixture_vla, name):
     with torch.no_grad():
         out = vla(vla.preprocess(images), ids, attention_mask=mask, labels=labels)
     assert abs(out.loss.item() - t["loss"]) <= 1e-5 * abs(t["loss"])
+    with torch.no_grad():  # train.py's shortcut: logits from the last patch on give the same loss and text logits
+        text = vla(vla.preprocess(images), ids, attention_mask=mask, labels=labels, text_logits_only=True)
+    assert abs(text.loss.item() - out.loss.item()) <= 1e-6 and torch.equal(text.logits, out.logits[:, vla.num_patches:])
     # metrics as the original's finetune.py: logits[:, P:-1] against labels[:, 1:], action positions = labels > 31743
     preds = out.logits[:, vla.num_patches:-1].argmax(-1)
     gt = labels[:, 1:]
@@ -752,6 +755,136 @@ def test_data_demo_world_rlds_and_closed_loop(tmp_path, fixture_tokenizer):
 
 
 # ---- train.py -----------------------------------------------------------------------------------------------------
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import data  # noqa: E402
+import torch  # noqa: E402
+
+from model import VLA  # noqa: E402
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # 1 thread per rank: same numerics anywhere
+
+
+@pytest.fixture(scope="module")
+def train_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_demo")
+    data.make_demo(root, episodes=20, seed=1)
+    return root
+
+
+def _train_args(run, root, **kw):
+    kw = {"data-root": root, "run-dir": run, "export-dir": run / "export", "shuffle-buffer-size": 64, "eval-episodes": 0,
+          "log-every": 1, "global-batch-size": 4, "max-steps": 8, "save-every": 3, "schedule": "constant", **kw}
+    return [f"--config.{k}={v}" for k, v in kw.items()]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run):  # last record per step: a resumed run re-logs the steps after its checkpoint
+    return {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _logged(run):  # while the run writes: nothing yet, or a line half written
+    try:
+        return _losses(run)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+# Runs main() 4 times in one 2-rank launch; rank 0 writes what the test compares.
+_TRAIN_CHECKS = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+import train
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+def run(name, **kw):
+    config = train.TrainConfig(data_root=root, run_dir=out / name, export_dir=out / name / "export", max_steps=2,
+                               global_batch_size=8, learning_rate=1e-3, schedule="constant", log_every=1,
+                               save_every=0, eval_episodes=0, shuffle_buffer_size=64, export_dtype="float32", **kw)
+    r = train.main(config)
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, r["params_local"] / r["params_total"])
+    return {"history": r["history"], "shares": shares}
+results = {"one_batch": run("one", per_device_batch_size=4, bf16=False),
+           "accumulated": run("acc", per_device_batch_size=2, bf16=False),
+           "plain": run("plain", per_device_batch_size=4, activation_checkpointing=False),
+           "checkpointed": run("ckpt", per_device_batch_size=4, activation_checkpointing=True)}
+if dist.get_rank() == 0:
+    (out / "results.json").write_text(json.dumps(results))
+dist.destroy_process_group()
+"""
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "export" / "model.safetensors"))
+
+
+def test_train_sharding_accumulation_and_activation_checkpointing(train_demo, tmp_path):
+    (tmp_path / "checks.py").write_text(_TRAIN_CHECKS)
+    subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(tmp_path / "checks.py"), str(train_demo),
+                    str(tmp_path)], env=TRAIN_ENV, check=True, timeout=300, capture_output=True)
+    r = json.loads((tmp_path / "results.json").read_text())
+    # each rank holds its half of every parameter (dim-0 shards; odd row counts make it not exactly half)
+    assert all(abs(share - 0.5) < 0.01 for share in r["one_batch"]["shares"])
+    # 2 micro-batches of 2 per rank == 1 batch of 4 (fp32): same losses, gradient norms and updated weights
+    for a, b in zip(r["one_batch"]["history"], r["accumulated"]["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    one, acc = _weights(tmp_path / "one"), _weights(tmp_path / "acc")
+    assert max(float((one[k] - acc[k]).abs().max()) for k in one) < 1e-5  # lr 1e-3: the 2 updates are ~2e-3
+    # activation checkpointing recomputes the same bf16 forward: identical losses, gradient norms and weights
+    for a, b in zip(r["plain"]["history"], r["checkpointed"]["history"]):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+    plain, ckpt = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
+    assert all(torch.equal(plain[k], ckpt[k]) for k in plain)
+
+
+def test_train_two_nodes_kill_resume_and_export(train_demo, tmp_path):
+    script = str(ROOT / "train.py")
+    # the reference run: two single-process "nodes" rendezvousing over loopback (c10d), training together
+    port, nodes = _free_port(), []
+    for _ in range(2):
+        nodes.append(subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                                       f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id", "nodes", script,
+                                       *_train_args(tmp_path / "nodes", train_demo)],
+                                      env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    # the same run on one node, SIGKILLed after step 4 (checkpoint at step 3), then resumed
+    killed = tmp_path / "killed"
+    args = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", script, *_train_args(killed, train_demo)]
+    proc = subprocess.Popen(args, env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while 4 not in _logged(killed):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in (killed / "checkpoints").glob("step-*")] == ["step-000003"] and not (killed / "export").exists()
+    subprocess.run(args + ["--config.resume"], env=TRAIN_ENV, check=True, timeout=300, capture_output=True)
+    for node in nodes:
+        assert node.wait(timeout=300) == 0, node.stderr.read().decode()[-3000:]
+
+    reference = _losses(tmp_path / "nodes")
+    assert sorted(reference) == list(range(1, 9)) and reference[8] < reference[1] - 0.5  # the loss falls
+    assert _losses(killed) == reference  # resumed after SIGKILL == uninterrupted, exactly
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == ["step-000006", "step-000008"]  # keep 2
+
+    vla = VLA.from_pretrained(killed / "export")  # the released layout, with the training data's statistics
+    assert "nanovla_demo" in json.loads((killed / "export" / "config.json").read_text())["norm_stats"]
+    image, instruction = data.DemoEnv(seed=3).reset()
+    action = vla.predict_action(image, instruction, unnorm_key="nanovla_demo")
+    assert action.shape == (7,) and np.isfinite(action).all()
 
 
 # ---- finetune.py --------------------------------------------------------------------------------------------------
