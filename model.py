@@ -449,12 +449,16 @@ class VLA(nn.Module):
         tokens = self.language_model.model.embed_tokens(input_ids)  # (B, T, D)
         return torch.cat([tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:]], dim=1)
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, text_logits_only=False):
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, text_logits_only=False,
+                supervised_logits_only=False):
         """Right-padded batch -> logits (B, P + T, V) and the mean cross-entropy over labels != -100.
 
-        text_logits_only (train.py): logits from the last patch on, (B, T, V), row t predicting input_ids[:, t + 1].
+        text_logits_only: logits from the last patch on, (B, T, V), row t predicting input_ids[:, t + 1].
         The positions before it predict patches, which are never supervised, so the loss is the same, with ~1/4 of
         the lm_head work and logits memory (256 patches + ~80 text tokens); the demo's training step is ~3x faster.
+        supervised_logits_only (train.py; needs labels): logits only where the next token is supervised, (N, V) in
+        the order of labels[:, 1:][labels[:, 1:] != -100]; the same loss again, from 8 of ~80 text positions (the
+        lm_head + cross-entropy were ~2/3 of a tiny-model step on CPU even with text_logits_only).
         """
         x = self.embed(pixel_values, input_ids)
         B, L, _ = x.shape
@@ -466,7 +470,11 @@ class VLA(nn.Module):
             key_valid = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1).bool()
             mask = attention_bias(key_valid, L)
         hidden = self.language_model.model(x, position_ids, mask)
-        first = P if text_logits_only else 0
+        first = P if text_logits_only or supervised_logits_only else 0
+        if supervised_logits_only:
+            keep = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): hidden[:, P:-1] predicts labels[:, 1:]
+            logits = self.language_model.lm_head(hidden[:, first:-1][keep]).float()  # (N, V)
+            return VLAOutput(logits, F.cross_entropy(logits, labels[:, 1:][keep]))
         logits = self.language_model.lm_head(hidden[:, first:]).float()  # the original casts logits to fp32 for the loss
         loss = None
         if labels is not None:
