@@ -2,6 +2,7 @@
 
     python bench.py infer                 # predict_action vs the module floor, batching, from_pretrained memory
     python bench.py infer --config.skip-mid   # tiny fixture only (seconds)
+    python bench.py train                 # training samples/s and peak memory, activation checkpointing on vs off
     python bench.py serve                 # serve.py req/s, p50/p99 at 1/4/16 clients, batched vs one-at-a-time
     python bench.py serve --config.skip-mid   # tiny fixture only (seconds)
     python bench.py data                  # data.py frames/s vs raw tfds reads, statistics pass, RSS vs shuffle buffer
@@ -322,8 +323,9 @@ def data_bench(config: DataBenchConfig):
     from tokenizer import build_text_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="nanovla_bench_"))
-    (root / "bridge_orig").mkdir()
-    (root / "bridge_orig" / "1.0.0").symlink_to(ROOT.parent / "shared" / "data" / "bridge_dataset" / "1.0.0")
+    (root / "bridge_orig" / "1.0.0").mkdir(parents=True)  # file links: the statistics cache is written here
+    for f in (ROOT.parent / "shared" / "data" / "bridge_dataset" / "1.0.0").iterdir():
+        (root / "bridge_orig" / "1.0.0" / f.name).symlink_to(f)
     data.make_demo(root, episodes=config.demo_episodes)
     tokenizer, n = build_text_tokenizer(), config.frames
     print(f"machine: {machine()}")
@@ -384,7 +386,95 @@ def data_bench(config: DataBenchConfig):
     shutil.rmtree(root, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# train
+
+
+@dataclass
+class TrainBenchConfig:
+    steps: int = 3
+    """timed training steps per setting (after one warm-up step); the median is reported"""
+    tiny_batch: int = 16
+    """per-device batch of the tiny config (the demo's)"""
+    mid_batch: int = 4
+    """per-device batch of the mid-train config"""
+    skip_mid: bool = False
+    """skip the mid-train config (~500M parameters: a few minutes on a 2-core CPU)"""
+
+
+def mid_train_config():
+    """model.py's mid widths (ViT-L + So400m ViTs, a 2048-wide Llama) with depths cut to 6 / 6 / 4 so that fp32 master
+    weights + AdamW state (16 bytes per parameter, ~500M parameters) fit a 24 GB CPU machine."""
+    from dataclasses import replace
+
+    from model import CONFIGS
+
+    mid = CONFIGS["mid"]
+    return replace(mid, vision=[replace(v, depth=6) for v in mid.vision], llm=replace(mid.llm, num_hidden_layers=4))
+
+
+def train_probe(model: str, checkpointing: bool, batch: int, steps: int):
+    """One setting in a fresh process (peak memory is per process): train.py's FSDP2 + bf16 step on a synthetic
+    demo-shaped batch (82 text tokens, 8 supervised); prints {samples_per_s, tokens_per_s, peak_gb, params}."""
+    import train
+    from model import CONFIGS, VLA
+
+    rank, world, device = train.setup_distributed()
+    config = mid_train_config() if model == "mid-train" else CONFIGS[model]
+    with torch.device("meta"):
+        vla = VLA(config)
+    unused = set(vla.unused_parameter_names())
+    for name, p in vla.named_parameters():
+        p.requires_grad_(name not in unused)
+    train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=checkpointing)
+    train.materialize(vla, device, seed=0)
+    params = [p for p in vla.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    T, V = 82, config.llm.vocab_size
+    pixel_values = torch.randn(batch, 6, 224, 224, generator=g).to(device)
+    input_ids = torch.randint(259, 31000, (batch, T), generator=g).to(device)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
+
+    def step():
+        vla(pixel_values, input_ids, None, labels, supervised_logits_only=True).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = timeit(step, reps=steps)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:  # VmHWM: this process's peak resident memory (fresh process, so not the parent's)
+        peak = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
+    L = T + vla.num_patches
+    print(json.dumps({"samples_per_s": batch / seconds, "tokens_per_s": batch * L / seconds, "peak_gb": peak / 2**30,
+                      "params": sum(p.numel() for p in vla.parameters())}))
+
+
+def train_bench(config: TrainBenchConfig):
+    """Training samples/s and peak memory, FSDP2 + bf16, with activation checkpointing vs without (the baseline)."""
+    print(f"bench train on {machine()}")
+    settings = [("tiny", config.tiny_batch)] + ([] if config.skip_mid else [("mid-train", config.mid_batch)])
+    for model, batch in settings:
+        runs = {}
+        for checkpointing in (False, True):
+            code = f"import bench; bench.train_probe({model!r}, {checkpointing}, {batch}, {config.steps})"
+            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-3000:])
+                break
+            runs[checkpointing] = json.loads(out.stdout.strip().splitlines()[-1])
+        if len(runs) < 2:
+            continue
+        plain, ckpt = runs[False], runs[True]
+        name = f"{model} ({plain['params'] / 1e6:.0f}M params, batch {batch})"
+        report(f"{name}: samples/s, checkpointing off", plain["samples_per_s"], "samples/s", "checkpointing on", ckpt["samples_per_s"])
+        report(f"{name}: peak memory, checkpointing on", ckpt["peak_gb"], "GB", "checkpointing off", plain["peak_gb"])
+
+
 if __name__ == "__main__":
     import tyro
 
-    tyro.extras.subcommand_cli_from_dict({"infer": infer, "serve": serve_bench, "data": data_bench})
+    tyro.extras.subcommand_cli_from_dict({"infer": infer, "serve": serve_bench, "data": data_bench, "train": train_bench})

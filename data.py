@@ -294,7 +294,7 @@ def dataset_statistics(builder, name: str) -> dict:
 
     The hash covers the dataset (str of its tfds info, which includes the path), the proprio keys ("()": none, as
     OpenVLA) and the source text of the standardization function, as the original's; so editing the function or the
-    data recomputes. A read-only data directory falls back to ~/.cache/nanovla/.
+    data recomputes. A read-only data directory (no write bit, also for root) falls back to ~/.cache/nanovla/.
     """
     key = "".join([str(builder.info), "()", inspect.getsource(DATASETS[name])])
     filename = f"dataset_statistics_{hashlib.sha256(key.encode()).hexdigest()}.json"
@@ -304,6 +304,8 @@ def dataset_statistics(builder, name: str) -> dict:
             return json.loads(path.read_text())
     stats = compute_statistics(builder, name)
     for path in paths:
+        if path.parent.exists() and not (os.access(path.parent, os.W_OK) and path.parent.stat().st_mode & 0o200):
+            continue
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")  # ranks computing at once each write whole files
