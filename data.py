@@ -20,6 +20,8 @@ Train with it (train.py does this):
     save_dataset_statistics(ds.norm_stats, run_dir / "dataset_statistics.json"); state = ds.state_dict()
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import inspect
@@ -64,6 +66,7 @@ OPENVLA_IMAGE_NORM = (
 # The original's image_augment_kwargs (prismatic/vla/datasets/datasets.py), applied in this order (REF 9.7)
 CROP_SCALE, CROP_RATIO = (0.9, 0.9), (1.0, 1.0)  # always a square of 90% area
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.2, (0.8, 1.2), (0.8, 1.2), 0.05
+DECODE_THREADS, DECODE_AHEAD = 2, 32  # frames decode in threads (TF releases the GIL), in order, up to 32 ahead
 
 
 class DataError(ValueError):
@@ -482,18 +485,28 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         for _ in itertools.islice(stream, self._start):
             pass  # fast-forward: read and shuffle the frames before the saved position, but decode none
         self.position = self._start
-        for (i, image_bytes, instruction, action, where), seed in stream:
-            try:
-                if not len(image_bytes):
-                    image = np.zeros((self.image_size, self.image_size, 3), np.uint8)  # padding camera, as original
-                elif self.train and self.image_aug:
-                    image = self._augment(image_bytes, seed).numpy()
-                else:
-                    image = self._decode(image_bytes).numpy()
-            except tf.errors.InvalidArgumentError as e:
-                raise DataError(f"{where}: cannot decode an image: {e.message.splitlines()[0]}") from None
-            self.position += 1
-            yield {"image": image, "action": action, "instruction": instruction.decode(), "dataset_name": self.names[i]}
+        # the stream (and its random numbers) advances on this thread only; decoding overlaps with the consumer
+        with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+            ahead = collections.deque(pool.submit(self._decode_frame, *x) for x in itertools.islice(stream, DECODE_AHEAD))
+            while ahead:
+                frame = ahead.popleft().result()
+                for x in itertools.islice(stream, 1):
+                    ahead.append(pool.submit(self._decode_frame, *x))
+                self.position += 1
+                yield frame
+
+    def _decode_frame(self, frame: tuple, seed) -> dict:
+        i, image_bytes, instruction, action, where = frame
+        try:
+            if not len(image_bytes):
+                image = np.zeros((self.image_size, self.image_size, 3), np.uint8)  # padding camera, as original
+            elif self.train and self.image_aug:
+                image = self._augment(image_bytes, seed).numpy()
+            else:
+                image = self._decode(image_bytes).numpy()
+        except tf.errors.InvalidArgumentError as e:
+            raise DataError(f"{where}: cannot decode an image: {e.message.splitlines()[0]}") from None
+        return {"image": image, "action": action, "instruction": instruction.decode(), "dataset_name": self.names[i]}
 
     def example(self, frame: dict) -> dict:
         """A decoded frame -> model inputs (tokenizer.py builds the ids and labels, REF 5.2)."""
