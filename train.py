@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import data
 from model import CONFIGS, VLA, init_weights, read_config, read_tensor, read_weight_headers
-from tokenizer import build_text_tokenizer, load_text_tokenizer
+from tokenizer import IGNORE_INDEX, build_text_tokenizer, load_text_tokenizer
 
 
 @dataclass
@@ -171,6 +171,12 @@ def setup_distributed():
         else:
             dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        # CPU: share the cores among this machine's ranks and leave one for the data pipeline's TF decode threads.
+        # Oversubscribed cores cost far more than they give: on 2 busy cores, 2 torch threads + TF ran the demo
+        # ~10x slower than 1 thread (OpenMP threads spin waiting for each other).
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - 1))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -377,18 +383,18 @@ def main(config: TrainConfig) -> dict:
             # upcast to fp32 (reduce_dtype), and adds to it. That costs memory: a full fp32 gradient per rank.
             vla.set_requires_gradient_sync(micro == accumulation - 1)
             out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                      text_logits_only=True)  # logits (B, T, V): row t predicts input_ids[:, t + 1]
+                      supervised_logits_only=True)  # logits (N, V) at the N supervised positions only
             # Each .backward() adds into .grad, and FSDP averages over ranks; dividing each micro-batch's mean loss by
             # A makes the step's gradient the mean over all A x world micro-batches = one global batch when every
             # example has the same number of supervised tokens (action_dim + EOS, as here).
             (out.loss / accumulation).backward()
             with torch.no_grad():
-                preds, gt = out.logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
-                mask = gt > vla.action_tokenizer.begin_idx  # action tokens only: not EOS, not -100
-                l1 = (decode_table[preds] - decode_table[gt.clamp(min=0)]).abs()[mask].sum()
+                gt = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]  # (N,) in the logits' order
+                preds, mask = out.logits.argmax(-1), gt > vla.action_tokenizer.begin_idx  # action tokens: not EOS
+                l1 = (decode_table[preds] - decode_table[gt]).abs()[mask].sum()
                 window += torch.stack([out.loss.detach().double(), ((preds == gt) & mask).sum().double(),
                                        mask.sum().double(), l1.double(), window.new_tensor(1.0),
-                                       window.new_tensor(float(gt.shape[0]))])
+                                       window.new_tensor(float(batch["labels"].shape[0]))])
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # same on every rank
         optimizer.step()
