@@ -33,6 +33,7 @@ import math
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -321,6 +322,7 @@ class PolicyServer(ThreadingHTTPServer):
     def __init__(self, config: ServeConfig):
         self.config, self.vla, self.batcher = config, None, None
         self.started, self.lock, self.counts = time.monotonic(), threading.Lock(), {"served": 0, "failed": 0}
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # "::1" or "::" too
         try:
             super().__init__((config.host, config.port), Handler)
         except OSError as e:
@@ -334,7 +336,8 @@ class PolicyServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+        host = self.server_address[0]
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.server_address[1]}"
 
     def stop(self):
         """Graceful: stop accepting, let request threads finish (server_close joins them), then stop the worker."""
@@ -346,14 +349,6 @@ class PolicyServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: PolicyServer
     timeout = 60  # seconds a client may stall mid-request before its thread gives up (slow-loris clients)
-
-    def do_GET(self):
-        self.handle_request()
-
-    def do_POST(self):
-        self.handle_request()
-
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_POST  # all routed so a wrong method gets 405
 
     def handle_request(self):
         start, self.batch_size, self.body_read, self.extra_headers = time.perf_counter(), 0, False, {}
@@ -373,6 +368,8 @@ class Handler(BaseHTTPRequestHandler):
         batch = f" batch={self.batch_size}" if self.batch_size else ""
         log.info("%s %s %s %d %.1fms%s", self.client_address[0], self.command, self.path[:100], status,
                  1e3 * (time.perf_counter() - start), batch)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = handle_request  # route() answers 405s
 
     def route(self) -> tuple[bytes, str]:
         path = self.path.split("?")[0]
@@ -472,29 +469,25 @@ class Handler(BaseHTTPRequestHandler):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_device_dtype(config: ServeConfig):
-    import torch
-
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--config.device {device}: no CUDA device visible; use --config.device cpu")
-    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    return device, getattr(torch, dtype)
-
-
 def load_policy(config: ServeConfig):
     """The model from config.checkpoint, warmed up (first-call allocations and kernel selection happen here)."""
+    import torch
+
     from model import VLA
 
     path = Path(config.checkpoint)
     if not path.is_dir():
         raise SystemExit(f"no checkpoint directory at {path}. Train the demo policy with `python train.py`, or pass "
                          "--config.checkpoint DIR (e.g. ../shared/fixtures/openvla-tiny, or a downloaded openvla-7b)")
-    device, dtype = resolve_device_dtype(config)
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--config.device {device}: no CUDA device visible; use --config.device cpu")
+    dtype = getattr(torch, config.dtype if config.dtype != "auto" else "bfloat16" if device != "cpu" else "float32")
     t0 = time.perf_counter()
-    vla = VLA.from_pretrained(path, dtype=dtype, device=device)
+    try:
+        vla = VLA.from_pretrained(path, dtype=dtype, device=device)
+    except (FileNotFoundError, ValueError) as e:  # model.py's messages say what is missing or wrong
+        raise SystemExit(f"cannot load {path}: {e}") from None
     t1 = time.perf_counter()
     image = np.zeros((224, 224, 3), dtype=np.uint8)
     vla.predict_actions([image], ["warm up"], unnorm_key=sorted(vla.norm_stats)[0])
