@@ -181,13 +181,14 @@ class ServeBenchConfig:
     """concurrent clients, one measurement each (every client sends its next request when answered)"""
     tiny_requests: tuple[int, ...] = (32, 64, 128)
     """requests per measurement on the tiny fixture, one number per entry of clients"""
-    mid_requests: tuple[int, ...] = (4, 8, 32)
+    mid_requests: tuple[int, ...] = (3, 8, 16)
     """requests per measurement on the mid config (seconds per forward on a CPU), one per entry of clients"""
     skip_mid: bool = False
     """tiny fixture only (seconds)"""
     max_batch_size: int = 16
     """the batched server's limit; the baseline server runs with 1 (one request at a time, as deploy.py)"""
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 25.0
+    """the batched server's batch window (serve.py's default)"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -427,7 +428,7 @@ def train_probe(model: str, checkpointing: bool, batch: int, steps: int):
     for name, p in vla.named_parameters():
         p.requires_grad_(name not in unused)
     train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=checkpointing)
-    train.materialize(vla, device, seed=0)
+    train.materialize(vla, device, train.random_init(seed=0))
     params = [p for p in vla.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     g = torch.Generator().manual_seed(0)

@@ -25,6 +25,7 @@ GET /health reports the model, device, dtype, unnorm keys, uptime and requests s
 
 import base64
 import binascii
+import contextlib
 import hmac
 import io
 import json
@@ -62,8 +63,9 @@ class ServeConfig:
     """Compute dtype; auto = bfloat16 on cuda (as the original deploy.py), float32 on cpu."""
     max_batch_size: int = 16
     """Most requests the model worker runs in one batched forward; 1 serves one request at a time."""
-    max_wait_ms: float = 5.0
-    """How long the worker holds the first request of a batch open for others to join."""
+    max_wait_ms: float = 25.0
+    """How long a batch is held open for others to join (never for a lone client): long enough for a burst of
+    clients that just got their answers to send again, else batches split into a lone one and the rest."""
     max_pending: int = 256
     """Requests waiting for the model beyond this get 503, so a flood cannot queue unbounded work."""
     max_body_bytes: int = 16 * 2**20
@@ -242,15 +244,27 @@ class Batcher:
 
     The worker takes the first waiting job, then waits at most max_wait_ms for more; requests that arrive while the
     model runs queue up and form the next batch, so under load batches fill without waiting at all. A lone client
-    never waits: the batch is held open only when others are queued or the previous batch was shared.
+    never waits: the batch is held open only when other requests are being read, are queued, or shared the last batch.
     """
 
     def __init__(self, vla, max_batch_size: int, max_wait_ms: float, max_pending: int):
         self.vla, self.max_batch_size, self.max_wait_s, self.max_pending = vla, max_batch_size, max_wait_ms / 1e3, max_pending
         self.jobs: queue.Queue = queue.Queue()
         self.n_batches = 0  # forwards run; requests / n_batches = mean batch size (in /health)
+        self.n_arriving, self.lock = 0, threading.Lock()  # requests being read and parsed, not yet queued
         self.thread = threading.Thread(target=self.run, name="model-worker", daemon=True)
         self.thread.start()
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Wraps reading and parsing a request, so the worker knows one more may join the batch it is forming."""
+        with self.lock:
+            self.n_arriving += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.n_arriving -= 1
 
     def submit(self, image, instruction: str, unnorm_key: str) -> Job:
         """Blocks until the model answered; the returned job holds the action or the model's error."""
@@ -272,7 +286,7 @@ class Batcher:
             job = self.jobs.get()
             if job is None:
                 return
-            wait = self.max_wait_s if last_size > 1 or self.jobs.qsize() else 0.0
+            wait = self.max_wait_s if last_size > 1 or self.jobs.qsize() or self.n_arriving else 0.0
             batch, deadline = [job], time.monotonic() + wait
             while len(batch) < self.max_batch_size:
                 try:
@@ -383,7 +397,8 @@ class Handler(BaseHTTPRequestHandler):
         self.check_token()
         if path == "/health":
             return json.dumps(self.health()).encode(), "application/json"
-        image, instruction, unnorm_key, form = parse_act(self.read_body(), self.server.vla.norm_stats, self.server.config)
+        with self.server.batcher.arriving():
+            image, instruction, unnorm_key, form = parse_act(self.read_body(), self.server.vla.norm_stats, self.server.config)
         job = self.server.batcher.submit(image, instruction, unnorm_key)
         self.batch_size = job.batch_size
         if job.error:
