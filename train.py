@@ -199,28 +199,39 @@ def shard(vla: VLA, mesh, bf16: bool, checkpointing: bool):
     fully_shard(vla, mesh=mesh, mp_policy=mp)
 
 
-def materialize(vla: VLA, device, seed: int, init_from: Path | None = None, headers=None):
-    """Allocate this rank's shard of every parameter (fp32) and fill it: from init-from's safetensors one full tensor
-    at a time (so no rank ever holds a full fp32 model), or freshly initialized, one full tensor at a time from a seed
-    per parameter (the same weights for any world size)."""
+def materialize(vla: VLA, device, full_tensor):
+    """Allocate this rank's shard of every parameter (in the dtype the meta model has) and fill it from
+    full_tensor(index, name, shape) -> the full tensor on CPU, one parameter at a time: no rank ever holds more than
+    one full tensor next to its shards."""
     vla.to_empty(device=device)
-    expected = dict(vla.named_parameters())
-    if headers is not None:
-        missing, unexpected = sorted(set(expected) - set(headers)), sorted(set(headers) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{init_from}: state-dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
-        for i, (name, param) in enumerate(expected.items()):
-            if headers is not None:
-                full = read_tensor(headers, name).float()  # stored bf16 -> fp32 master, one tensor at a time
-                if tuple(full.shape) != tuple(param.shape):
-                    raise ValueError(f"{init_from}: {name} has shape {list(full.shape)}, the model {list(param.shape)}")
-            else:
-                full = torch.empty(param.shape)
-                torch.manual_seed(seed * 100_003 + i)
-                init_weights(types.SimpleNamespace(named_parameters=lambda: [(name, full)]))  # model.py's rule, 1 tensor
-            local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(local.to_local())  # src_data_rank=None: every rank has `full`, no communication
+        for i, (name, param) in enumerate(vla.named_parameters()):
+            full = full_tensor(i, name, tuple(param.shape))
+            if tuple(full.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: the checkpoint has shape {list(full.shape)}, the model {list(param.shape)}")
+            local = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                      src_data_rank=None)  # None: every rank has `full`, so no communication
+            param.to_local().copy_(local.to_local())
+
+
+def from_checkpoint(vla: VLA, path: Path, headers: dict, rename=lambda name: name):
+    """full_tensor for materialize: read from safetensors (stored bf16 -> the shard's dtype), after a strict key check."""
+    names = {rename(name) for name, _ in vla.named_parameters()}
+    missing, unexpected = sorted(names - set(headers)), sorted(set(headers) - names)
+    if missing or unexpected:
+        raise ValueError(f"{path}: state-dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return lambda i, name, shape: read_tensor(headers, rename(name))
+
+
+def random_init(seed: int):
+    """full_tensor for materialize: model.py's init rule, one tensor at a time, seeded per parameter (so the same
+    weights for any world size)."""
+    def full_tensor(i, name, shape):
+        full = torch.empty(shape)
+        torch.manual_seed(seed * 100_003 + i)
+        init_weights(types.SimpleNamespace(named_parameters=lambda: [(name, full)]))  # init_weights walks only this
+        return full
+    return full_tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +336,7 @@ def main(config: TrainConfig) -> dict:
             p.requires_grad_(False)
     mesh = init_device_mesh(device.type, (world,))
     shard(vla, mesh, config.bf16, config.activation_checkpointing)
-    materialize(vla, device, config.seed, config.init_from, headers)
+    materialize(vla, device, from_checkpoint(vla, config.init_from, headers) if headers else random_init(config.seed))
     vla.train()
     params_local = sum(p.to_local().numel() for p in vla.parameters())
     params_total = sum(p.numel() for p in vla.parameters())
