@@ -888,6 +888,85 @@ def test_train_two_nodes_kill_resume_and_export(train_demo, tmp_path):
 
 
 # ---- finetune.py --------------------------------------------------------------------------------------------------
+import finetune  # noqa: E402
+
+# Runs finetune.main 3 times in one process (world 1; the same FSDP2 code as torchrun): a 4-step run, a 2-step run
+# resumed to 4 steps, and a dataset whose action dimension differs from the checkpoint's.
+_FINETUNE_CHECKS = """
+import json, shutil, sys
+from pathlib import Path
+import torch
+import finetune
+from model import read_tensor, read_weight_headers
+root, out, fixture = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+def run(name, **kw):
+    kw = {"batch_size": 4, "learning_rate": 2e-3, "max_steps": 4, "save_every": 2, "log_every": 1,
+          "image_aug": False, "shuffle_buffer_size": 64, **kw}
+    config = finetune.FinetuneConfig(checkpoint=fixture, data_root=root, run_dir=out / name, **kw)
+    return finetune.main(config)
+r = run("full")
+headers = read_weight_headers(fixture)
+base_identical = all(torch.equal(finetune.full(p.detach()).cpu(), read_tensor(headers, finetune.base_name(n)))
+                     for n, p in r["model"].named_parameters() if not p.requires_grad)
+run("resumed", **{"max_steps": 2})
+resumed = run("resumed", resume=True)
+bad = out / "bad"
+shutil.copytree(fixture, bad)
+config = json.loads((bad / "config.json").read_text())
+for stats in config["norm_stats"].values():
+    for k in ("q01", "q99", "min", "max", "mean", "std", "mask"):
+        stats["action"][k] = stats["action"][k][:6]
+(bad / "config.json").write_text(json.dumps(config))
+(bad / "dataset_statistics.json").write_text(json.dumps(config["norm_stats"]))
+try:
+    finetune.main(finetune.FinetuneConfig(checkpoint=bad, data_root=root, run_dir=out / "bad_run"))
+    error = None
+except ValueError as e:
+    error = str(e)
+(out / "results.json").write_text(json.dumps({"history": r["history"], "resumed": resumed["history"],
+    "trainable": r["trainable"], "total": r["total"], "base_identical": base_identical, "error": error}))
+"""
+
+
+def test_lora_zero_init_is_a_no_op_and_merge_matches(fixture_vla):
+    import copy
+
+    vla = copy.deepcopy(fixture_vla)
+    B = 2
+    pixel_values, ids = torch.randn(B, 6, 224, 224, generator=torch.Generator().manual_seed(0)), torch.randint(0, 32000, (B, 12))
+    with torch.no_grad():
+        before = vla(pixel_values, ids).logits
+        names = finetune.add_lora(vla, rank=4, alpha=8, dropout=0.0)
+        assert "language_model.lm_head" in names and "vision_backbone.featurizer.patch_embed.proj" not in names
+        assert torch.equal(vla(pixel_values, ids).logits, before)  # B = 0: exactly the checkpoint's outputs
+        for m in vla.modules():
+            if isinstance(m, finetune.LoRALinear):
+                m.lora_A.normal_(0, 0.25)
+                m.lora_B.normal_(0, 0.25)
+        adapted = vla(pixel_values, ids).logits
+        assert (adapted - before).abs().max() > 1e-2
+        for m in vla.modules():
+            if isinstance(m, finetune.LoRALinear):
+                m.merge()
+        merged = vla(pixel_values, ids).logits
+        assert (merged - adapted).abs().max() <= 1e-4 * max(1.0, adapted.abs().max())  # fp32: W + s B A vs W x + s B A x
+
+
+def test_finetune_trains_adapters_only_resumes_and_merges(train_demo, tmp_path):
+    (tmp_path / "checks.py").write_text(_FINETUNE_CHECKS)
+    subprocess.run([sys.executable, str(tmp_path / "checks.py"), str(train_demo), str(tmp_path), str(FIXTURE)],
+                   env=TRAIN_ENV, check=True, timeout=300, capture_output=True)
+    r = json.loads((tmp_path / "results.json").read_text())
+    losses = [m["loss"] for m in r["history"]]
+    assert losses[-1] < losses[0]  # the loss falls
+    assert r["base_identical"] and 0 < r["trainable"] < 0.25 * r["total"]  # only adapters changed
+    assert [m["loss"] for m in r["resumed"]] == losses[2:]  # adapter resume continues exactly
+    assert "7-dim actions" in r["error"] and "[6]-dim" in r["error"]  # names both dimensions
+    merged = VLA.from_pretrained(tmp_path / "full" / "merged")
+    assert {"nanovla_demo", *json.loads((FIXTURE / "config.json").read_text())["norm_stats"]} <= set(merged.norm_stats)
+    image, instruction = data.DemoEnv(seed=3).reset()
+    action = merged.predict_action(image, instruction, unnorm_key="nanovla_demo")
+    assert action.shape == (7,) and np.isfinite(action).all()
 
 
 # ---- serve.py -----------------------------------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def materialize(vla: VLA, device, full_tensor):
 
 def from_checkpoint(vla: VLA, path: Path, headers: dict, rename=lambda name: name):
     """full_tensor for materialize: read from safetensors (stored bf16 -> the shard's dtype), after a strict key check."""
-    names = {rename(name) for name, _ in vla.named_parameters()}
+    names = {rename(name) for name, _ in vla.named_parameters()} - {None}  # None: not in the checkpoint (adapters)
     missing, unexpected = sorted(names - set(headers)), sorted(set(headers) - names)
     if missing or unexpected:
         raise ValueError(f"{path}: state-dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -232,6 +232,24 @@ def random_init(seed: int):
         init_weights(types.SimpleNamespace(named_parameters=lambda: [(name, full)]))  # init_weights walks only this
         return full
     return full_tensor
+
+
+def decode_table(vla, model_config, device):
+    """token id -> normalized action value, from tokenizer.py's own decode (so the metrics never re-derive bins)."""
+    ids = torch.arange(model_config.llm.vocab_size).numpy()
+    return torch.tensor(vla.action_tokenizer.decode(ids), dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def action_metrics(out, labels, begin_idx: int, decode) -> torch.Tensor:
+    """REFERENCE.md 10.6 on a supervised_logits_only output, as device-side sums (no host sync):
+    [loss, correct action tokens, action tokens, L1 sum of de-tokenized actions, 1 micro-batch, examples]."""
+    gt = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,) in the logits' row order
+    preds, mask = out.logits.argmax(-1), gt > begin_idx  # action tokens: not EOS, not prompt
+    l1 = (decode[preds] - decode[gt]).abs()[mask].sum()
+    return torch.stack([out.loss.detach().double(), ((preds == gt) & mask).sum().double(), mask.sum().double(),
+                        l1.double(), torch.ones((), dtype=torch.float64, device=l1.device),
+                        torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=l1.device)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,9 +390,7 @@ def main(config: TrainConfig) -> dict:
 
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=config.per_device_batch_size,
                                               collate_fn=data.collate, num_workers=0))  # TF decodes in its own threads
-    # action metrics (REFERENCE.md 10.6): token id -> normalized value, from tokenizer.py's own decode
-    decode_table = torch.tensor(vla.action_tokenizer.decode(torch.arange(model_config.llm.vocab_size).numpy()),
-                                dtype=torch.float32, device=device)
+    decode = decode_table(vla, model_config, device)
     # Device-side sums since the last log, synced only on log steps: loss, correct action tokens, action tokens,
     # L1, micro-batches, samples. bad_step: the first step with a non-finite loss or gradient norm (-1: none).
     window = torch.zeros(6, dtype=torch.float64, device=device)
@@ -399,13 +415,7 @@ def main(config: TrainConfig) -> dict:
             # A makes the step's gradient the mean over all A x world micro-batches = one global batch when every
             # example has the same number of supervised tokens (action_dim + EOS, as here).
             (out.loss / accumulation).backward()
-            with torch.no_grad():
-                gt = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]  # (N,) in the logits' order
-                preds, mask = out.logits.argmax(-1), gt > vla.action_tokenizer.begin_idx  # action tokens: not EOS
-                l1 = (decode_table[preds] - decode_table[gt]).abs()[mask].sum()
-                window += torch.stack([out.loss.detach().double(), ((preds == gt) & mask).sum().double(),
-                                       mask.sum().double(), l1.double(), window.new_tensor(1.0),
-                                       window.new_tensor(float(batch["labels"].shape[0]))])
+            window += action_metrics(out, batch["labels"], vla.action_tokenizer.begin_idx, decode)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # same on every rank
         optimizer.step()
