@@ -75,7 +75,7 @@ class ServeConfig:
     max_instruction_bytes: int = 1024
     """Longest instruction in UTF-8 bytes: <= 1025 tokens even with byte fallback, so prompt + 256 patches < 2048."""
     token: str = ""
-    """Bearer token every request except GET / must carry; empty reads $NANOVLA_TOKEN; unset means no check."""
+    """Bearer token every request but GET / must carry; if empty, $NANOVLA_TOKEN (keeps it out of `ps`); both empty: none."""
 
 
 class HTTPError(Exception):
