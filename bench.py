@@ -3,6 +3,7 @@
     python bench.py infer                 # predict_action vs the module floor, batching, from_pretrained memory
     python bench.py infer --config.skip-mid   # tiny fixture only (seconds)
     python bench.py train                 # training samples/s and peak memory, activation checkpointing on vs off
+    python bench.py finetune              # LoRA vs full fine-tuning: peak memory and step time
     python bench.py serve                 # serve.py req/s, p50/p99 at 1/4/16 clients, batched vs one-at-a-time
     python bench.py serve --config.skip-mid   # tiny fixture only (seconds)
     python bench.py data                  # data.py frames/s vs raw tfds reads, statistics pass, RSS vs shuffle buffer
@@ -475,7 +476,79 @@ def train_bench(config: TrainBenchConfig):
         report(f"{name}: peak memory, checkpointing on", ckpt["peak_gb"], "GB", "checkpointing off", plain["peak_gb"])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# finetune
+
+
+@dataclass
+class FinetuneBenchConfig:
+    steps: int = 3
+    """timed steps per setting (after one warm-up step); the median is reported"""
+    batch: int = 4
+    """per-device batch"""
+    model: str = "mid-train"
+    """mid-train (see train bench), tiny, or openvla-7b (GPU)"""
+
+
+def finetune_probe(model: str, lora: bool, batch: int, steps: int):
+    """One setting in a fresh process: LoRA (bf16 base, r=32 adapters, finetune.py's defaults) or full fine-tuning
+    (train.py: fp32 master + AdamW), both FSDP2 + bf16 compute + activation checkpointing; prints step time and peak."""
+    import finetune
+    import train
+    from model import CONFIGS, VLA
+
+    rank, world, device = train.setup_distributed()
+    config = mid_train_config() if model == "mid-train" else CONFIGS[model]
+    with torch.device("meta"):
+        vla = VLA(config)
+    unused = set(vla.unused_parameter_names())
+    for name, p in vla.named_parameters():
+        p.requires_grad_(name not in unused and not lora)
+    if lora:
+        vla = vla.to(torch.bfloat16)
+        finetune.add_lora(vla, 32, 16.0, 0.0)
+    train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=True)
+    train.materialize(vla, device, train.random_init(seed=0))
+    params = [p for p in vla.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    T, V = 82, config.llm.vocab_size
+    pixel_values = torch.randn(batch, 6, 224, 224, generator=g).to(device)
+    input_ids = torch.randint(259, 31000, (batch, T), generator=g).to(device)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
+
+    def step():
+        vla(pixel_values, input_ids, None, labels, supervised_logits_only=True).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = timeit(step, reps=steps)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
+    print(json.dumps({"step_s": seconds, "peak_gb": peak / 2**30, "trainable": sum(p.numel() for p in params)}))
+
+
+def finetune_bench(config: FinetuneBenchConfig):
+    """LoRA vs full fine-tuning of the same model: step time and peak memory, from one run."""
+    print(f"bench finetune on {machine()}")
+    runs = {}
+    for lora in (True, False):
+        code = f"import bench; bench.finetune_probe({config.model!r}, {lora}, {config.batch}, {config.steps})"
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-3000:])
+            return
+        runs[lora] = json.loads(out.stdout.strip().splitlines()[-1])
+    name = f"{config.model} batch {config.batch} (LoRA trains {runs[True]['trainable'] / 1e6:.1f}M, full {runs[False]['trainable'] / 1e6:.0f}M)"
+    report(f"{name}: peak memory, LoRA", runs[True]["peak_gb"], "GB", "full fine-tuning", runs[False]["peak_gb"])
+    report(f"{name}: step time, LoRA", runs[True]["step_s"], "s", "full fine-tuning", runs[False]["step_s"])
+
+
 if __name__ == "__main__":
     import tyro
 
-    tyro.extras.subcommand_cli_from_dict({"infer": infer, "serve": serve_bench, "data": data_bench, "train": train_bench})
+    tyro.extras.subcommand_cli_from_dict({"infer": infer, "serve": serve_bench, "data": data_bench, "train": train_bench,
+                                          "finetune": finetune_bench})
