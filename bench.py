@@ -333,6 +333,10 @@ def data_bench(config: DataBenchConfig):
     print(f"machine: {machine()}")
     print(f"data.py at 224 px, batch {config.batch_size}, shuffle buffer 1000; bridge_orig = the 25+25-episode "
           f"BridgeData sample (64 px JPEG, 4 cameras), nanovla_demo = {config.demo_episodes} demo episodes (224 px PNG)")
+    print("  pipeline frames/s = batches out of DataLoader(RLDSDataset, collate) after a warm-up batch: read, standardize, "
+          "normalize, shuffle, decode, resize to 224 (exact no-op, skipped, for the 224 px demo), [augment], tokenize, "
+          "pixel_values, collate\n  raw tfds steps/s = tfds.as_numpy(builder.as_dataset('train')), every feature "
+          "decoded (all cameras, stored size), nothing else; same files, same process")
     fps = {}
     for name in ("bridge_orig", "nanovla_demo"):
         builder = data.open_dataset(root, name)
