@@ -192,6 +192,11 @@ def test_fixture_training_loss_accuracy_l1(expected, fixture_vla, name):
     with torch.no_grad():  # train.py's shortcut: logits from the last patch on give the same loss and text logits
         text = vla(vla.preprocess(images), ids, attention_mask=mask, labels=labels, text_logits_only=True)
     assert abs(text.loss.item() - out.loss.item()) <= 1e-6 and torch.equal(text.logits, out.logits[:, vla.num_patches:])
+    with torch.no_grad():  # train.py's step: logits only where the next token is supervised, (N, V)
+        sup = vla(vla.preprocess(images), ids, attention_mask=mask, labels=labels, supervised_logits_only=True)
+    keep = labels[:, 1:] != -100
+    assert abs(sup.loss.item() - out.loss.item()) <= 1e-6
+    assert torch.allclose(sup.logits, out.logits[:, vla.num_patches:-1][keep], atol=1e-5)
     # metrics as the original's finetune.py: logits[:, P:-1] against labels[:, 1:], action positions = labels > 31743
     preds = out.logits[:, vla.num_patches:-1].argmax(-1)
     gt = labels[:, 1:]
