@@ -624,23 +624,28 @@ def write_rlds(data_dir, name: str, features: dict, splits: dict, version: str =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The demo task: reach the named block on a table top, drawn with numpy
+# The demo task: reach the named block on a table top, seen by a wrist camera, drawn with numpy
 
 
 DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30)}
-DEMO_STEP = 0.2  # the expert moves 0.2 table units per step and axis (the table spans [-1, 1] in x and y)
-DEMO_REACH = 0.12  # success: the gripper's centre within this distance of the target's centre on both axes
-DEMO_MAX_STEPS = 20  # a rollout's budget; the expert needs at most 11 steps
+DEMO_GRID = 3  # the gripper and the blocks sit on a 3 x 3 grid of cells over the table, which spans [-1, 1]
+DEMO_STEP = 2 / (DEMO_GRID - 1)  # table units between neighbouring cells: one move
+DEMO_BLOCKS = 2  # the named block and a distractor of another colour
+DEMO_CELL_PX = 56  # a cell is 56 px (4 x 4 ViT patches) in the 224 px wrist view
+DEMO_MAX_STEPS = 20  # a rollout's budget; the expert needs at most 2 moves, then closes
 
 
 class DemoEnv:
-    """A table seen from above with three large coloured blocks and a round gripper; "move to the red block".
+    """A table with two coloured blocks on a 3 x 3 grid, seen by a wrist camera looking down; "move to the red block".
 
-    Actions are OpenVLA's 7-dim: (dx, dy) move the gripper (right, down), clipped to DEMO_STEP per step; the 4 rotation
-    / height dims are unused (always 0, so they normalize to 0); the gripper is 1 (open) while moving and 0 when
-    closing on the target. The scripted expert moves +-DEMO_STEP per axis towards the target until within half a step,
-    then closes; so actions are nearly discrete (-1 / 0 / +1 after q01/q99 normalization) and a tiny model only has
-    to read the colour, find two things in the image and compare their positions. success = gripper over the target.
+    The camera moves with the gripper: the image is always centred on the gripper (a dark ring at the image centre),
+    so the table and the blocks pan as it moves. Each block fills one grid cell, 4 x 4 ViT patches of the 224 px view.
+    Actions are OpenVLA's 7-dim: (dx, dy) move the gripper (right, down) by whole cells, each rounded to -1 / 0 / +1
+    cell (DEMO_STEP table units) per step; the 4 rotation / height dims are unused (always 0, so they normalize to 0);
+    the gripper is 1 (open) while moving and 0 when closing on the target. The scripted expert steps one cell per axis
+    towards the target, then closes; so actions are discrete (-1 / 0 / +1 after q01/q99 normalization) and a tiny
+    model only has to read the colour and see on which side of the image centre that colour is. success = the target
+    block under the gripper (the image centre).
 
         env = DemoEnv(seed=0); image, instruction = env.reset()
         image, success = env.step(env.expert_action())
@@ -650,33 +655,30 @@ class DemoEnv:
 
     def __init__(self, image_size: int = 224, seed: int = 0):
         self.image_size, self.rng = image_size, np.random.default_rng(seed)
-        pixels = (np.arange(image_size) + 0.5) / image_size * 2.2 - 1.1  # pixel centres in table units, 0.1 margin
-        self.x, self.y = np.meshgrid(pixels, pixels)
+        self.px = (np.arange(image_size) + 0.5 - image_size / 2) / (image_size / 224 * DEMO_CELL_PX)  # cells from centre
 
     def reset(self):
         """A new scene: (image uint8 (S, S, 3), instruction)."""
-        self.colors = list(self.rng.choice(list(DEMO_COLORS), size=3, replace=False))
-        while True:  # blocks apart from each other (Chebyshev distance > 0.5)
-            self.blocks = self.rng.uniform(-0.75, 0.75, size=(3, 2))
-            if min(np.abs(a - b).max() for a, b in itertools.combinations(self.blocks, 2)) > 0.5:
-                break
-        self.target = int(self.rng.integers(3))
-        while True:  # the gripper starts at least two steps away from the target
-            self.gripper = self.rng.uniform(-0.9, 0.9, size=2)
-            if np.abs(self.gripper - self.blocks[self.target]).max() > 2 * DEMO_STEP:
+        self.colors = list(self.rng.choice(list(DEMO_COLORS), size=DEMO_BLOCKS, replace=False))
+        cells = self.rng.choice(DEMO_GRID**2, size=DEMO_BLOCKS, replace=False)  # distinct cells of the grid
+        self.blocks = np.stack([cells % DEMO_GRID, cells // DEMO_GRID], axis=1) * DEMO_STEP - 1.0
+        self.target = int(self.rng.integers(DEMO_BLOCKS))
+        while True:  # the gripper starts away from the target
+            self.gripper = self.rng.integers(DEMO_GRID, size=2) * DEMO_STEP - 1.0
+            if np.abs(self.gripper - self.blocks[self.target]).max() > DEMO_STEP / 2:
                 break
         self.t, self.instruction = 0, f"move to the {self.colors[self.target]} block"
         return self.render(), self.instruction
 
     def step(self, action):
         """Apply a 7-dim action (unnormalized); returns (image, success)."""
-        move = np.clip(np.asarray(action, np.float64)[:2], -DEMO_STEP, DEMO_STEP)
+        move = np.clip(np.round(np.asarray(action, np.float64)[:2] / DEMO_STEP), -1, 1) * DEMO_STEP
         self.gripper = np.clip(self.gripper + move, -1.0, 1.0)
         self.t += 1
         return self.render(), self.success()
 
     def success(self) -> bool:
-        return bool(np.abs(self.gripper - self.blocks[self.target]).max() <= DEMO_REACH)
+        return bool(np.abs(self.gripper - self.blocks[self.target]).max() < DEMO_STEP / 2)
 
     def expert_action(self) -> np.ndarray:
         d = self.blocks[self.target] - self.gripper
@@ -684,13 +686,15 @@ class DemoEnv:
         return np.array([move[0], move[1], 0, 0, 0, 0, float(move.any())], np.float32)
 
     def render(self) -> np.ndarray:
-        image = np.empty((self.image_size, self.image_size, 3), np.uint8)
+        S, cell = self.image_size, DEMO_STEP
+        x = self.gripper[0] / cell + self.px  # table position of each pixel column / row, in cells
+        y = self.gripper[1] / cell + self.px
+        image = np.empty((S, S, 3), np.uint8)
         image[:] = (200, 180, 145)  # wood
         for color, (bx, by) in zip(self.colors, self.blocks):
-            image[(np.abs(self.x - bx) < 0.18) & (np.abs(self.y - by) < 0.18)] = DEMO_COLORS[color]
-        r2 = (self.x - self.gripper[0]) ** 2 + (self.y - self.gripper[1]) ** 2
-        image[r2 < 0.1**2] = (30, 30, 30)  # the gripper: a dark disc with a white centre, drawn over the blocks
-        image[r2 < 0.04**2] = (255, 255, 255)
+            image[np.ix_(np.abs(y - by / cell) < 0.5, np.abs(x - bx / cell) < 0.5)] = DEMO_COLORS[color]
+        r = np.hypot(*np.meshgrid(self.px, self.px))
+        image[(r > 0.3) & (r < 0.4)] = (30, 30, 30)  # the gripper: a dark ring at the centre, the block shows through
         return image
 
     def state(self) -> np.ndarray:

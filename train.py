@@ -83,8 +83,9 @@ class TrainConfig:
     """freeze the Llama decoder, embeddings and lm_head (projector, and vision unless frozen, train)"""
     activation_checkpointing: bool | None = None
     """recompute each ViT block and decoder layer in backward instead of storing its activations; None: recipe's"""
-    bf16: bool = True
-    """bf16 parameters and compute (fp32 master weights, optimizer and gradient reduce); False: all fp32"""
+    bf16: bool | None = None
+    """bf16 parameters and compute (fp32 master weights, optimizer and gradient reduce); False: all fp32; None: the
+    recipe's (bf16 for openvla-7b; fp32 for the CPU demo, where it measured ~20% faster than bf16 and learned faster)"""
     image_aug: bool = False
     """the original's random crop and colour jitter (off for OpenVLA pretraining)"""
     shuffle_buffer_size: int | None = None
@@ -114,10 +115,10 @@ class TrainConfig:
 RECIPES = {
     "openvla-7b": dict(global_batch_size=2048, learning_rate=2e-5, schedule="constant", warmup_ratio=0.0,
                        weight_decay=0.0, epochs=1000, activation_checkpointing=True, shuffle_buffer_size=256_000,
-                       save_every=2500),
+                       save_every=2500, bf16=True),
     "tiny": dict(global_batch_size=16, learning_rate=2e-3, schedule="warmup+cosine", warmup_ratio=0.03,
-                 weight_decay=0.0, max_steps=600, activation_checkpointing=False, shuffle_buffer_size=10_000,
-                 save_every=200, export_dir=Path("checkpoints/demo")),
+                 weight_decay=0.0, max_steps=1000, activation_checkpointing=False, shuffle_buffer_size=10_000,
+                 save_every=200, export_dir=Path("checkpoints/demo"), bf16=False),
 }
 RECIPES["mid"] = RECIPES["openvla-7b"]
 
