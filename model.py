@@ -494,18 +494,21 @@ class VLA(nn.Module):
         from PIL import Image
 
         size = self.config.vision[0].image_size
+        mean = torch.tensor([m for m, _ in self.config.image_norm]).view(-1, 1, 1)  # (3 * views, 1, 1)
+        std = torch.tensor([s for _, s in self.config.image_norm]).view(-1, 1, 1)
         out = []
         for image in images:
             if isinstance(image, np.ndarray):
                 if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                     raise ValueError(f"image must be an HxWx3 uint8 array, got {image.dtype} {image.shape}")
-                image = Image.fromarray(image)
-            if not isinstance(image, Image.Image):
+                if image.shape[:2] != (size, size):  # at SxS PIL's resize returns the same pixels: skip the round trip
+                    image = Image.fromarray(image)
+            elif not isinstance(image, Image.Image):
                 raise TypeError(f"image must be a numpy uint8 HxWx3 array or a PIL image, got {type(image).__name__}")
-            image = image.convert("RGB").resize((size, size), Image.BICUBIC)  # PIL returns a copy if already SxS
-            x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-            views = [(x - torch.tensor(m).view(3, 1, 1)) / torch.tensor(s).view(3, 1, 1) for m, s in self.config.image_norm]
-            out.append(torch.cat(views, dim=0))
+            if isinstance(image, Image.Image):
+                image = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # to_tensor: (3, S, S)
+            out.append((x.repeat(len(self.config.image_norm), 1, 1) - mean) / std)  # the same (x - m) / s per view
         return torch.stack(out)
 
     def prompt_ids(self, instruction: str) -> list[int]:
