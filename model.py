@@ -531,18 +531,18 @@ class VLA(nn.Module):
         device = self.projector.fc1.weight.device
         B, lengths = len(prompts), [len(p) for p in prompts]
         T = max(lengths)
-        ids = torch.full((B, T), self.config.pad_token_id, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = torch.tensor(p)
-        ids = ids.to(device)
+        ids = torch.tensor([p + [self.config.pad_token_id] * (T - len(p)) for p in prompts], device=device)
         x = self.embed(pixel_values.to(device), ids)  # (B, L, D), right-padded
         L = x.shape[1]
-        n_pad = torch.tensor([T - n for n in lengths], device=device)
-        gather = (torch.arange(L, device=device)[None] - n_pad[:, None]) % L  # roll each row right by its padding
-        x = x.gather(1, gather[..., None].expand_as(x))
-        key_valid = torch.arange(L, device=device)[None] >= n_pad[:, None]  # (B, L)
-        position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)
-        padded = bool(n_pad.any())
+        padded = min(lengths) < T
+        key_valid = None  # (B, L): False on left padding; only needed when prompt lengths differ
+        position_ids = torch.arange(L, device=device)[None].expand(B, L)
+        if padded:
+            n_pad = torch.tensor([T - n for n in lengths], device=device)
+            gather = (torch.arange(L, device=device)[None] - n_pad[:, None]) % L  # roll each row right by its padding
+            x = x.gather(1, gather[..., None].expand_as(x))
+            key_valid = torch.arange(L, device=device)[None] >= n_pad[:, None]
+            position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)
 
         llm = self.language_model
         cfg = self.config.llm
@@ -558,7 +558,8 @@ class VLA(nn.Module):
             out.append(next_id)
             new_x = llm.model.embed_tokens(next_id)[:, None]
             new_pos = position_ids[:, -1:] + 1
-            key_valid = torch.cat([key_valid, key_valid.new_ones(B, 1)], dim=1)
+            if padded:
+                key_valid = torch.cat([key_valid, key_valid.new_ones(B, 1)], dim=1)
             if use_cache:
                 x, position_ids = new_x, new_pos
             else:
