@@ -838,8 +838,12 @@ def _weights(path):
 
 def test_train_sharding_accumulation_and_activation_checkpointing(train_demo, tmp_path):
     (tmp_path / "checks.py").write_text(_TRAIN_CHECKS)
-    subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(tmp_path / "checks.py"), str(train_demo),
-                    str(tmp_path)], env=TRAIN_ENV, check=True, timeout=300, capture_output=True)
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", str(tmp_path / "checks.py"), str(train_demo), str(tmp_path)]
+    run = subprocess.run(cmd, env=TRAIN_ENV, timeout=300, capture_output=True, text=True)
+    if run.returncode != 0:  # one CI run saw this launch fail once and pass on re-run: show why, then retry once
+        print("first launch failed:", run.stdout[-2000:], run.stderr[-4000:], sep="\n")
+        run = subprocess.run(cmd, env=TRAIN_ENV, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     r = json.loads((tmp_path / "results.json").read_text())
     # each rank holds its half of every parameter (dim-0 shards; odd row counts make it not exactly half)
     assert all(abs(share - 0.5) < 0.01 for share in r["one_batch"]["shares"])
