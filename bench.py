@@ -429,6 +429,33 @@ def mid_train_config():
     return replace(mid, vision=[replace(v, depth=6) for v in mid.vision], llm=replace(mid.llm, num_hidden_layers=4))
 
 
+SYNTHETIC_TOKENS = 82  # text tokens of a demo-shaped example, the last 8 supervised (7 actions + EOS)
+
+
+def time_synthetic_steps(vla, params, device, batch, steps, clip):
+    """Median seconds of one AdamW step on a synthetic demo-shaped batch, and this process's peak memory in bytes."""
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    T, V = SYNTHETIC_TOKENS, vla.config.llm.vocab_size
+    pixel_values = torch.randn(batch, 6, 224, 224, generator=g).to(device)
+    input_ids = torch.randint(259, 31000, (batch, T), generator=g).to(device)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
+
+    def step():
+        vla(pixel_values, input_ids, None, labels, supervised_logits_only=True).loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = timeit(step, reps=steps)
+    if device.type == "cuda":
+        return seconds, torch.cuda.max_memory_allocated()
+    # VmHWM: this process's peak resident memory (a fresh process, so not the parent's; ru_maxrss would be)
+    return seconds, int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
+
+
 def train_probe(model: str, checkpointing: bool, batch: int, steps: int):
     """One setting in a fresh process (peak memory is per process): train.py's FSDP2 + bf16 step on a synthetic
     demo-shaped batch (82 text tokens, 8 supervised); prints {samples_per_s, tokens_per_s, peak_gb, params}."""
@@ -445,26 +472,8 @@ def train_probe(model: str, checkpointing: bool, batch: int, steps: int):
     train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=checkpointing)
     train.materialize(vla, device, train.random_init(seed=0))
     params = [p for p in vla.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    T, V = 82, config.llm.vocab_size
-    pixel_values = torch.randn(batch, 6, 224, 224, generator=g).to(device)
-    input_ids = torch.randint(259, 31000, (batch, T), generator=g).to(device)
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
-
-    def step():
-        vla(pixel_values, input_ids, None, labels, supervised_logits_only=True).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    seconds = timeit(step, reps=steps)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:  # VmHWM: this process's peak resident memory (fresh process, so not the parent's)
-        peak = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
-    L = T + vla.num_patches
+    seconds, peak = time_synthetic_steps(vla, params, device, batch, steps, clip=True)
+    L = SYNTHETIC_TOKENS + vla.num_patches
     print(json.dumps({"samples_per_s": batch / seconds, "tokens_per_s": batch * L / seconds, "peak_gb": peak / 2**30,
                       "params": sum(p.numel() for p in vla.parameters())}))
 
@@ -524,24 +533,7 @@ def finetune_probe(model: str, lora: bool, batch: int, steps: int):
     train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=True)
     train.materialize(vla, device, train.random_init(seed=0))
     params = [p for p in vla.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    T, V = 82, config.llm.vocab_size
-    pixel_values = torch.randn(batch, 6, 224, 224, generator=g).to(device)
-    input_ids = torch.randint(259, 31000, (batch, T), generator=g).to(device)
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
-
-    def step():
-        vla(pixel_values, input_ids, None, labels, supervised_logits_only=True).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    seconds = timeit(step, reps=steps)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
+    seconds, peak = time_synthetic_steps(vla, params, device, batch, steps, clip=False)  # finetune.py does not clip
     print(json.dumps({"step_s": seconds, "peak_gb": peak / 2**30, "trainable": sum(p.numel() for p in params)}))
 
 
