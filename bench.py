@@ -478,6 +478,15 @@ def train_probe(model: str, checkpointing: bool, batch: int, steps: int):
                       "params": sum(p.numel() for p in vla.parameters())}))
 
 
+def run_probe(call: str) -> dict | None:
+    """Run `bench.<probe>(...)` in a fresh process (peak memory is per process) -> its JSON line, or None on failure."""
+    out = subprocess.run([sys.executable, "-c", f"import bench; {call}"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        print(out.stderr[-3000:])
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def train_bench(config: TrainBenchConfig):
     """Training samples/s and peak memory, FSDP2 + bf16, with activation checkpointing vs without (the baseline)."""
     print(f"bench train on {machine()}")
@@ -485,12 +494,10 @@ def train_bench(config: TrainBenchConfig):
     for model, batch in settings:
         runs = {}
         for checkpointing in (False, True):
-            code = f"import bench; bench.train_probe({model!r}, {checkpointing}, {batch}, {config.steps})"
-            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-3000:])
+            result = run_probe(f"bench.train_probe({model!r}, {checkpointing}, {batch}, {config.steps})")
+            if result is None:
                 break
-            runs[checkpointing] = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[checkpointing] = result
         if len(runs) < 2:
             continue
         plain, ckpt = runs[False], runs[True]
@@ -542,12 +549,10 @@ def finetune_bench(config: FinetuneBenchConfig):
     print(f"bench finetune on {machine()}")
     runs = {}
     for lora in (True, False):
-        code = f"import bench; bench.finetune_probe({config.model!r}, {lora}, {config.batch}, {config.steps})"
-        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-        if out.returncode:
-            print(out.stderr[-3000:])
+        result = run_probe(f"bench.finetune_probe({config.model!r}, {lora}, {config.batch}, {config.steps})")
+        if result is None:
             return
-        runs[lora] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs[lora] = result
     name = f"{config.model} batch {config.batch} (LoRA trains {runs[True]['trainable'] / 1e6:.1f}M, full {runs[False]['trainable'] / 1e6:.0f}M)"
     report(f"{name}: peak memory, LoRA", runs[True]["peak_gb"], "GB", "full fine-tuning", runs[False]["peak_gb"])
     report(f"{name}: step time, LoRA", runs[True]["step_s"], "s", "full fine-tuning", runs[False]["step_s"])
