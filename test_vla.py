@@ -23,7 +23,7 @@ def expected():
 
 from tokenizer import (  # noqa: E402
     ActionTokenizer, build_text_tokenizer, empty_piece_id, load_text_tokenizer, normalize_actions, resolve_unnorm_key,
-    training_example, unnormalize_actions,
+    token_ids_to_actions, training_example, unnormalize_actions,
 )
 
 
@@ -75,6 +75,20 @@ def test_normalization_round_trip_and_mask():
     back = unnormalize_actions(n[0], {"k": {"action": stats}}, "k")
     np.testing.assert_allclose(back[:2], a[0, :2], atol=1e-7)
     assert back[2] == 0.0  # masked dims pass through un-normalization unchanged
+
+
+def test_token_ids_to_actions_equals_decode_then_unnormalize():
+    """predict_action's Python-float fast path against the vectorized pair, bit for bit, for every id around the
+    action range (non-action ids included), with and without a mask, statistics as lists or numpy arrays."""
+    at = ActionTokenizer()
+    rng = np.random.default_rng(0)
+    q01 = rng.normal(size=7) - 1.0
+    stats = {"q01": q01, "q99": q01 + rng.uniform(0.1, 3.0, 7), "mask": [True] * 6 + [False]}
+    ids = np.arange(31700, 32064).reshape(-1, 7).tolist()  # 52 rows: below, across and above the 256 action ids
+    for s in (stats, {k: v for k, v in stats.items() if k != "mask"}, {k: np.asarray(v).tolist() for k, v in stats.items()}):
+        for row in ids:
+            want = unnormalize_actions(at.decode(np.array(row)), {"k": {"action": s}}, "k")
+            assert token_ids_to_actions(at, row, s) == want.tolist(), (row, s)
 
 
 def test_unnorm_key_resolution_errors():
