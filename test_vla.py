@@ -819,6 +819,24 @@ def _logged(run):  # while the run writes: nothing yet, or a line half written
         return {}
 
 
+def test_train_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_demo, tmp_path):
+    # lr 1e30: step 1's loss is finite and its checkpoint is written; its update blows the weights up to ~1e30, so
+    # step 2's forward overflows. The run must stop there, name step 2, and never save or export the bad state.
+    run = tmp_path / "run"
+    args = _train_args(run, train_demo, **{"max-steps": 6, "save-every": 1, "keep-last": 5, "learning-rate": 1e30,
+                                             "max-grad-norm": 1e30})
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], env=TRAIN_ENV, timeout=300,
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    good = run / "checkpoints" / "step-000001"
+    assert f"non-finite loss or gradient norm at step 2; stopping. The last good checkpoint is {good}" in out.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]  # no step 2, no .tmp left
+    assert sorted(_losses(run)) == [1] and np.isfinite(_losses(run)[1]) and not (run / "export").exists()
+    import torch.distributed.checkpoint as dcp
+    saved = dcp.FileSystemReader(good).read_metadata().state_dict_metadata  # complete: DCP writes .metadata last
+    assert "step" in saved and any(k.startswith("model.language_model.") for k in saved)
+
+
 # Runs main() 4 times in one 2-rank launch; rank 0 writes what the test compares.
 _TRAIN_CHECKS = """
 import json, sys
