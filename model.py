@@ -529,11 +529,12 @@ class VLA(nn.Module):
         if memo.get(None) is not self.tokenizer or len(memo) > 1024:
             memo.clear()
             memo[None] = self.tokenizer
-        if instruction not in memo:
+        ids = memo.get(instruction)  # one lookup: serve.py's threads may clear the memo between two
+        if ids is None:
             ids = self.tokenizer(build_prompt(instruction)).input_ids
             empty = empty_piece_id(self.tokenizer)
-            memo[instruction] = tuple(ids if ids[-1] == empty else ids + [empty])
-        return list(memo[instruction])
+            ids = memo[instruction] = tuple(ids if ids[-1] == empty else ids + [empty])
+        return list(ids)
 
     @torch.inference_mode()
     def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int, use_cache: bool = True):

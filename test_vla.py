@@ -279,6 +279,26 @@ def test_actions_depend_on_image_and_unnorm_key_errors(fixture_vla):
         vla.predict_action(np.zeros((64, 64, 3), np.float32), "pick up the cup", "bridge_orig")
 
 
+def test_prompt_ids_memo_follows_the_tokenizer(expected, fixture_vla):
+    vla = VLA.build("tiny")  # its own model: the memo is swapped below
+    vla.tokenizer = fixture_vla.tokenizer
+    for case in expected["cases"]:
+        if case["lowercased"]:  # the memo returns what tokenizing gives, also on the second (memoized) call
+            assert vla.prompt_ids(case["instruction"]) == vla.prompt_ids(case["instruction"]) == case_inputs(vla, case)[1]
+    got = vla.prompt_ids("pick up the cup")
+    got.append(7)  # the caller's list is a copy
+    assert vla.prompt_ids("pick up the cup")[-1] == 29871
+
+    class Shifted:  # a different tokenizer object: assigning it must not serve the old tokenizer's ids
+        def __call__(self, text):
+            return type("Encoding", (), {"input_ids": [1, 5, 6]})()
+
+        def convert_tokens_to_ids(self, token):
+            return 9
+    vla.tokenizer = Shifted()
+    assert vla.prompt_ids("pick up the cup") == [1, 5, 6, 9]
+
+
 def test_save_load_round_trip_layout_and_resharding(expected, fixture_vla, tmp_path):
     vla = fixture_vla
     bf16 = VLA.from_pretrained(FIXTURE, dtype=torch.bfloat16)
