@@ -279,6 +279,97 @@ def test_actions_depend_on_image_and_unnorm_key_errors(fixture_vla):
         vla.predict_action(np.zeros((64, 64, 3), np.float32), "pick up the cup", "bridge_orig")
 
 
+def released_7b_shapes() -> dict:
+    """REFERENCE.md 1.4, transcribed by hand: every tensor of openvla/openvla-7b with its shape."""
+    out = {}
+    dino, sig = "vision_backbone.featurizer.", "vision_backbone.fused_featurizer."
+    out.update({dino + "cls_token": (1, 1, 1024), dino + "reg_token": (1, 4, 1024), dino + "pos_embed": (1, 256, 1024),
+                dino + "patch_embed.proj.weight": (1024, 3, 14, 14), dino + "patch_embed.proj.bias": (1024,),
+                dino + "norm.weight": (1024,), dino + "norm.bias": (1024,)})
+    for i in range(24):
+        b = f"{dino}blocks.{i}."
+        out.update({b + "norm1.weight": (1024,), b + "norm1.bias": (1024,), b + "attn.qkv.weight": (3072, 1024),
+                    b + "attn.qkv.bias": (3072,), b + "attn.proj.weight": (1024, 1024), b + "attn.proj.bias": (1024,),
+                    b + "ls1.scale_factor": (1024,), b + "norm2.weight": (1024,), b + "norm2.bias": (1024,),
+                    b + "mlp.fc1.weight": (4096, 1024), b + "mlp.fc1.bias": (4096,), b + "mlp.fc2.weight": (1024, 4096),
+                    b + "mlp.fc2.bias": (1024,), b + "ls2.scale_factor": (1024,)})
+    out.update({sig + "pos_embed": (1, 256, 1152), sig + "patch_embed.proj.weight": (1152, 3, 14, 14),
+                sig + "patch_embed.proj.bias": (1152,), sig + "norm.weight": (1152,), sig + "norm.bias": (1152,),
+                sig + "attn_pool.latent": (1, 1, 1152)})
+    for name, (rows, cols) in {"q": (1152, 1152), "kv": (2304, 1152), "proj": (1152, 1152), "norm": (1152, None),
+                               "mlp.fc1": (4304, 1152), "mlp.fc2": (1152, 4304)}.items():
+        out[f"{sig}attn_pool.{name}.weight"] = (rows, cols) if cols else (rows,)
+        out[f"{sig}attn_pool.{name}.bias"] = (rows,)
+    for i in range(27):
+        b = f"{sig}blocks.{i}."
+        out.update({b + "norm1.weight": (1152,), b + "norm1.bias": (1152,), b + "norm2.weight": (1152,),
+                    b + "norm2.bias": (1152,), b + "attn.qkv.weight": (3456, 1152), b + "attn.qkv.bias": (3456,),
+                    b + "attn.proj.weight": (1152, 1152), b + "attn.proj.bias": (1152,), b + "mlp.fc1.weight": (4304, 1152),
+                    b + "mlp.fc1.bias": (4304,), b + "mlp.fc2.weight": (1152, 4304), b + "mlp.fc2.bias": (1152,)})
+    out.update({"projector.fc1.weight": (8704, 2176), "projector.fc1.bias": (8704,), "projector.fc2.weight": (4096, 8704),
+                "projector.fc2.bias": (4096,), "projector.fc3.weight": (4096, 4096), "projector.fc3.bias": (4096,)})
+    llm = "language_model."
+    out.update({llm + "model.embed_tokens.weight": (32064, 4096), llm + "model.norm.weight": (4096,),
+                llm + "lm_head.weight": (32064, 4096)})
+    for i in range(32):
+        b = f"{llm}model.layers.{i}."
+        out.update({b + f"self_attn.{p}_proj.weight": (4096, 4096) for p in "qkvo"})
+        out.update({b + "mlp.gate_proj.weight": (11008, 4096), b + "mlp.up_proj.weight": (11008, 4096),
+                    b + "mlp.down_proj.weight": (4096, 11008), b + "input_layernorm.weight": (4096,),
+                    b + "post_attention_layernorm.weight": (4096,)})
+    return out
+
+
+def test_openvla_7b_layout_and_config_json_match_the_release(tmp_path):
+    """The real 7B can't be downloaded here; its layout can be checked without a byte of weights: our meta-built model
+    against REFERENCE.md 1.4's names and shapes, and a released-style config.json + header-only shards through the
+    loader's config path, and our config.json writer against REFERENCE.md 1.2's fields."""
+    from dataclasses import replace
+
+    from model import hf_config, read_config, read_weight_headers
+
+    spec = released_7b_shapes()
+    assert sum(int(np.prod(s)) for s in spec.values()) == 7_541_237_184  # REFERENCE.md's derived total
+    with torch.device("meta"):
+        vla = VLA(CONFIGS["openvla-7b"])
+    assert {k: tuple(v.shape) for k, v in vla.state_dict().items()} == spec
+
+    stats = {"bridge_orig": {"action": {"q01": [0.0] * 7, "q99": [1.0] * 7, "mask": [True] * 6 + [False]}}}
+    released = {  # REFERENCE.md 1.2, field by field
+        "arch_specifier": "no-align+fused-gelu-mlp", "architectures": ["OpenVLAForActionPrediction"],
+        "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
+                     "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
+        "hf_llm_id": "meta-llama/Llama-2-7b-hf", "image_resize_strategy": "resize-naive", "image_sizes": [224, 224],
+        "llm_backbone_id": "llama2-7b-pure", "llm_max_length": 2048, "model_type": "openvla", "n_action_bins": 256,
+        "norm_stats": stats, "output_projector_states": False, "pad_to_multiple_of": 64, "pad_token_id": 32000,
+        "text_config": {"model_type": "llama", "pad_token_id": 32000, "torch_dtype": "bfloat16", "vocab_size": 32064},
+        "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+        "timm_override_act_layers": [None, None], "torch_dtype": "bfloat16", "transformers_version": "4.40.1",
+        "use_fused_vision_backbone": True, "vision_backbone_id": "dinosiglip-vit-so-224px",
+    }
+    config = replace(CONFIGS["openvla-7b"], norm_stats=stats)
+    assert hf_config(config, "bfloat16") == released  # what save_pretrained writes for the 7B
+
+    # three header-only bf16 shards (offsets as if the data followed) + index, as the converter's 7 GB sharding
+    names = list(spec)
+    shards = {f"model-0000{i + 1}-of-00003.safetensors": names[i::3] for i in range(3)}
+    for file, keys in shards.items():
+        header, offset = {}, 0
+        for k in keys:
+            n = int(np.prod(spec[k])) * 2
+            header[k] = {"dtype": "BF16", "shape": list(spec[k]), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header).encode()
+        (tmp_path / file).write_bytes(len(blob).to_bytes(8, "little") + blob)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    (tmp_path / "config.json").write_text(json.dumps(released, sort_keys=True))
+    headers = read_weight_headers(tmp_path)
+    assert {k: h[2] for k, h in headers.items()} == spec
+    got = read_config(tmp_path, headers)
+    assert got == config and got.llm.rms_norm_eps == 1e-6  # absent text_config fields: transformers 4.40 defaults
+
+
 def test_prompt_ids_memo_follows_the_tokenizer(expected, fixture_vla):
     vla = VLA.build("tiny")  # its own model: the memo is swapped below
     vla.tokenizer = fixture_vla.tokenizer
