@@ -973,6 +973,52 @@ dist.destroy_process_group()
 """
 
 
+# 4 ranks: FSDP over all 4, then HSDP (2 replicas x 2 shards), then HSDP stopped at a checkpoint and resumed.
+_HSDP_CHECKS = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+import train
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+def run(name, **kw):
+    config = train.TrainConfig(data_root=root, run_dir=out / name, export_dir=out / name / "export",
+                               global_batch_size=8, learning_rate=1e-3, schedule="constant", log_every=1, bf16=False,
+                               eval_episodes=0, shuffle_buffer_size=64, export_dtype="float32", **kw)
+    r = train.main(config)
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, r["params_local"] / r["params_total"])
+    return {"history": r["history"], "shares": shares}
+results = {"fsdp": run("fsdp", max_steps=3, save_every=0),
+           "hsdp": run("hsdp", max_steps=3, save_every=0, shard_group_size=2),
+           "first": run("resumed", max_steps=2, save_every=2, shard_group_size=2),
+           "resumed": run("resumed", max_steps=3, save_every=0, shard_group_size=2, resume=True)}
+if dist.get_rank() == 0:
+    (out / "results.json").write_text(json.dumps(results))
+dist.destroy_process_group()
+"""
+
+
+def test_train_hsdp_matches_fsdp_and_resumes(train_demo, tmp_path):
+    (tmp_path / "checks.py").write_text(_HSDP_CHECKS)
+    cmd = [*TORCHRUN, "--standalone", "--nproc-per-node", "4", str(tmp_path / "checks.py"), str(train_demo), str(tmp_path)]
+    run = subprocess.run(cmd, env=TRAIN_ENV, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "HSDP: 2 replicas x 2 shards" in run.stdout
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert all(abs(share - 0.25) < 0.01 for share in r["fsdp"]["shares"])  # a quarter per rank
+    assert all(abs(share - 0.5) < 0.01 for share in r["hsdp"]["shares"])  # half per rank: 2 copies of the weights
+    # the same global batches: the same update, up to the order of the fp32 gradient sums
+    for a, b in zip(r["fsdp"]["history"], r["hsdp"]["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    fsdp, hsdp = _weights(tmp_path / "fsdp"), _weights(tmp_path / "hsdp")
+    assert max(float((fsdp[k] - hsdp[k]).abs().max()) for k in fsdp) < 1e-6
+    # stopped at step 2 (checkpoint) and resumed under HSDP: step 3 and the final weights exactly as uninterrupted
+    exact = ("step", "loss", "grad_norm", "action_accuracy", "l1_loss")
+    assert [[h[k] for k in exact] for h in r["resumed"]["history"]] == [[r["hsdp"]["history"][2][k] for k in exact]]
+    resumed = _weights(tmp_path / "resumed")
+    assert all(torch.equal(hsdp[k], resumed[k]) for k in hsdp)
+
+
 def _weights(path):
     from safetensors.torch import load_file
 

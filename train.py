@@ -7,6 +7,7 @@ sharded checkpoints that resume exactly, and an export in the released OpenVLA l
     torchrun --nproc-per-node 8 train.py --config.global-batch-size 256 --config.data-root /data/oxe \
         --config.data-mix bridge_orig --config.init-from checkpoints/openvla-7b --config.run-dir runs/bridge
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host0:29500 train.py ...  # many nodes
+        ... --config.shard-group-size 8               # HSDP: shard within each node, replicate across nodes
     ... --config.resume                               # continue a killed run exactly (same losses)
 
 One step, as the loop below does it (REFERENCE.md 10):
@@ -81,6 +82,10 @@ class TrainConfig:
     """freeze both ViTs (the original's "vla-train" stage: projector + LLM train)"""
     freeze_llm: bool = False
     """freeze the Llama decoder, embeddings and lm_head (projector, and vision unless frozen, train)"""
+    shard_group_size: int = 0
+    """HSDP: ranks that together hold one copy of the weights; FSDP shards within each group of this many ranks and
+    the groups replicate (the original's HYBRID_SHARD, with a group per node: set it to the GPUs per node, so the
+    per-layer all-gathers stay on the node's fast links). 0: one group of all ranks (plain FSDP)"""
     activation_checkpointing: bool | None = None
     """recompute each ViT block and decoder layer in backward instead of storing its activations; None: recipe's"""
     bf16: bool | None = None
@@ -138,6 +143,9 @@ def resolve(config: TrainConfig, world: int) -> tuple[TrainConfig, int]:
     if config.global_batch_size % per_step:
         raise ValueError(f"global-batch-size {config.global_batch_size} is not divisible by per-device-batch-size "
                          f"{config.per_device_batch_size} x world size {world} = {per_step}; pick numbers that divide")
+    if config.shard_group_size and (config.shard_group_size < 0 or world % config.shard_group_size):
+        raise ValueError(f"shard-group-size {config.shard_group_size} does not divide the world size {world}; use a "
+                         "divisor (e.g. the processes per node), or 0 to shard over all ranks")
     if config.max_steps is None and config.epochs is None:
         raise ValueError("set max-steps or epochs")
     if config.export_only and not config.resume:
@@ -353,7 +361,11 @@ def main(config: TrainConfig) -> dict:
         if (name in frozen or (config.freeze_vision and name.startswith("vision_backbone."))
                 or (config.freeze_llm and name.startswith("language_model."))):
             p.requires_grad_(False)
-    mesh = init_device_mesh(device.type, (world,))
+    group = config.shard_group_size or world
+    # 1-d mesh: FSDP over every rank. 2-d (replicate, shard): parameters and optimizer state are sharded within a
+    # group and replicated across groups; gradients are reduce-scattered in the group, then all-reduced across them.
+    mesh = (init_device_mesh(device.type, (world,)) if group == world else
+            init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard")))
     shard(vla, mesh, config.bf16, config.activation_checkpointing)
     materialize(vla, device, from_checkpoint(vla, config.init_from, headers) if headers else random_init(config.seed))
     vla.train()
@@ -381,7 +393,9 @@ def main(config: TrainConfig) -> dict:
         (run_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
         data.save_dataset_statistics(dataset.norm_stats, run_dir / "dataset_statistics.json")
         trained = sum(p.numel() for _, p in trainable)
+        sharding = f"FSDP over {world}" if group == world else f"HSDP: {world // group} replicas x {group} shards"
         print(f"{params_total / 1e6:.1f}M parameters ({trained / 1e6:.1f}M trained), {world} rank(s) on {device.type}, "
+              f"{sharding}, "
               f"batch {config.global_batch_size} = {world} x {config.per_device_batch_size} x {accumulation} "
               f"accumulation, {total} steps, bf16 {config.bf16}, activation checkpointing {config.activation_checkpointing}")
         if config.wandb_project:
