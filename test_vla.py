@@ -930,6 +930,23 @@ def _logged(run):  # while the run writes: nothing yet, or a line half written
         return {}
 
 
+def test_train_config_arithmetic_and_its_errors():
+    import train
+
+    config, accumulation = train.resolve(train.TrainConfig(global_batch_size=256, per_device_batch_size=16), 8)
+    assert accumulation == 2 and config.learning_rate == 2e-3  # 256 = 8 ranks x 16 x 2; the tiny recipe filled in
+    config, accumulation = train.resolve(train.TrainConfig(model="openvla-7b"), 64)
+    assert (config.global_batch_size, config.per_device_batch_size, accumulation, config.learning_rate) == (2048, 32, 1, 2e-5)
+    with pytest.raises(ValueError, match="global-batch-size 100 is not divisible by the world size 8"):
+        train.resolve(train.TrainConfig(global_batch_size=100), 8)
+    with pytest.raises(ValueError, match=r"per-device-batch-size 3 x world size 2 = 6"):
+        train.resolve(train.TrainConfig(global_batch_size=16, per_device_batch_size=3), 2)
+    with pytest.raises(ValueError, match="shard-group-size 3 does not divide the world size 8"):
+        train.resolve(train.TrainConfig(shard_group_size=3), 8)
+    with pytest.raises(ValueError, match="--config.resume"):
+        train.resolve(train.TrainConfig(export_only=True), 1)
+
+
 def test_train_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_demo, tmp_path):
     # lr 1e30: step 1's loss is finite and its checkpoint is written; its update blows the weights up to ~1e30, so
     # step 2's forward overflows. The run must stop there, name step 2, and never save or export the bad state.
