@@ -104,16 +104,18 @@ def module_floor(vla, pixel_values, prompt_ids, n_tokens):
     return token.item()
 
 
-def bench_predict(name, vla, reps, device):
+def bench_predict(name, vla, reps, device, frame=(224, 224)):
+    """frame: the camera image's (H, W). At 224 x 224 predict_action skips the resize (PIL returns the same pixels);
+    any other size pays PIL's bicubic resize, which the floor (modules only) does not include."""
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    image = rng.integers(0, 256, (*frame, 3), dtype=np.uint8)
     key = sorted(vla.norm_stats)[0]
     instruction = "pick up the cup"
     pixel_values = vla.preprocess([image]).to(device=device, dtype=next(vla.parameters()).dtype)
     prompt = vla.prompt_ids(instruction)
     floor, full = timeit_pair(lambda: module_floor(vla, pixel_values, prompt, 7),
                               lambda: vla.predict_action(image, instruction, key), reps)
-    report(f"{name}: predict_action latency", full * 1e3, "ms", "module floor", floor * 1e3)
+    report(f"{name}: predict_action latency, {frame[1]}x{frame[0]} frame", full * 1e3, "ms", "module floor", floor * 1e3)
     return full
 
 
@@ -154,6 +156,7 @@ def infer(config: InferConfig):
     print("tiny fixture (../shared/fixtures/openvla-tiny), fp32:")
     tiny = VLA.from_pretrained(FIXTURE, dtype=torch.float32, device=config.device)
     bench_predict("tiny fp32", tiny, config.reps, config.device)
+    bench_predict("tiny fp32", tiny, config.reps, config.device, frame=(480, 640))  # the fixture's camera-sized case 2
     bench_batch("tiny fp32", tiny, config.reps)
     if not config.skip_mid:
         reps = max(1, config.reps // 3)

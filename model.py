@@ -507,7 +507,8 @@ class VLA(nn.Module):
             elif not isinstance(image, Image.Image):
                 raise TypeError(f"image must be a numpy uint8 HxWx3 array or a PIL image, got {type(image).__name__}")
             if isinstance(image, Image.Image):
-                image = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+                image = image if image.mode == "RGB" else image.convert("RGB")  # convert copies even RGB -> RGB
+                image = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.uint8)
             # to_tensor (uint8 -> float, / 255) into the first view's channels, copied to the other views, then
             # (x - m) / s per channel: the processor's arithmetic, written in place (fewer passes over the image)
             image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)  # torch wants writable
