@@ -272,11 +272,13 @@ def main(config: FinetuneConfig) -> dict:
     train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=config.activation_checkpointing)
     base = train.from_checkpoint(vla, config.checkpoint, headers, rename=base_name)
 
-    def fill(i, name, shape):
-        if name.endswith("lora_A"):  # peft's "gaussian" init: N(0, (1 / r)^2)
+    def fill(i, name, shape, rows):
+        if name.endswith("lora_A"):  # peft's "gaussian" init: N(0, (1 / r)^2), drawn in full: any world size, same A
             torch.manual_seed(config.seed * 100_003 + i)
-            return torch.randn(shape) / config.lora_rank
-        return torch.zeros(shape) if name.endswith("lora_B") else base(i, name, shape)
+            return (torch.randn(shape) / config.lora_rank)[rows[0]:rows[1]]
+        if name.endswith("lora_B"):
+            return torch.zeros(rows[1] - rows[0], *shape[1:])
+        return base(i, name, shape, rows)
 
     train.materialize(vla, device, fill)
     vla.train()

@@ -829,9 +829,14 @@ def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
                      arch, raw.get("llm_backbone_id"), raw.get("hf_llm_id", "meta-llama/Llama-2-7b-hf"))
 
 
-def read_tensor(headers: dict, key: str) -> torch.Tensor:
-    """One tensor from a checkpoint, in its stored dtype, on CPU (train.py reads full tensors to shard them)."""
+def read_tensor(headers: dict, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor from a checkpoint, in its stored dtype, on CPU; with rows=(start, stop) only those rows of dim 0
+    (safetensors is row-major, so they are one contiguous byte range: train.py reads just its FSDP shard)."""
     file, dtype, shape, offset, nbytes = headers[key]
+    if rows is not None and shape:
+        start, stop = rows
+        row_bytes = nbytes // shape[0] if shape[0] else 0
+        offset, nbytes, shape = offset + start * row_bytes, (stop - start) * row_bytes, (stop - start, *shape[1:])
     out = torch.empty(shape, dtype=dtype)
     with open(file, "rb", buffering=0) as f:
         _read_into(f, offset, nbytes, out, key)

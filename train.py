@@ -37,7 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 import data
 from model import CONFIGS, VLA, init_weights, read_config, read_tensor, read_weight_headers
@@ -208,39 +208,57 @@ def shard(vla: VLA, mesh, bf16: bool, checkpointing: bool):
     fully_shard(vla, mesh=mesh, mp_policy=mp)
 
 
-def materialize(vla: VLA, device, full_tensor):
+def shard_rows(param) -> tuple[int, int]:
+    """This rank's rows [start, stop) of a parameter FSDP2 sharded on dim 0 (torch.chunk's split: ceil(N / S) rows
+    per shard, the last ones shorter or empty); a mesh dim that replicates does not split."""
+    start, stop = 0, param.shape[0]
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            size, coord = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+            chunk = -(-(stop - start) // size)
+            start, stop = min(start + coord * chunk, stop), min(start + (coord + 1) * chunk, stop)
+    return start, stop
+
+
+def materialize(vla: VLA, device, read_rows):
     """Allocate this rank's shard of every parameter (in the dtype the meta model has) and fill it from
-    full_tensor(index, name, shape) -> the full tensor on CPU, one parameter at a time: no rank ever holds more than
-    one full tensor next to its shards."""
+    read_rows(index, name, shape, (start, stop)) -> rows [start, stop) of the full tensor, on CPU: a rank reads only
+    what it keeps (1/8 of a 7B checkpoint on 8 GPUs), one parameter at a time."""
     vla.to_empty(device=device)
     with torch.no_grad():
         for i, (name, param) in enumerate(vla.named_parameters()):
-            full = full_tensor(i, name, tuple(param.shape))
-            if tuple(full.shape) != tuple(param.shape):
-                raise ValueError(f"{name}: the checkpoint has shape {list(full.shape)}, the model {list(param.shape)}")
-            local = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                      src_data_rank=None)  # None: every rank has `full`, so no communication
-            param.to_local().copy_(local.to_local())
+            local = param.to_local()
+            rows = read_rows(i, name, tuple(param.shape), shard_rows(param))
+            if tuple(rows.shape) != tuple(local.shape):
+                raise ValueError(f"{name}: got rows of shape {list(rows.shape)} for a local shard of {list(local.shape)}")
+            local.copy_(rows)
 
 
 def from_checkpoint(vla: VLA, path: Path, headers: dict, rename=lambda name: name):
-    """full_tensor for materialize: read from safetensors (stored bf16 -> the shard's dtype), after a strict key check."""
+    """read_rows for materialize: this rank's rows straight from safetensors (stored bf16 -> the shard's dtype in
+    materialize's copy), after a strict key and shape check."""
     names = {rename(name) for name, _ in vla.named_parameters()} - {None}  # None: not in the checkpoint (adapters)
     missing, unexpected = sorted(names - set(headers)), sorted(set(headers) - names)
     if missing or unexpected:
         raise ValueError(f"{path}: state-dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return lambda i, name, shape: read_tensor(headers, rename(name))
+
+    def read_rows(i, name, shape, rows):
+        key = rename(name)
+        if headers[key][2] != shape:
+            raise ValueError(f"{headers[key][0]}: {key} has shape {list(headers[key][2])}, the model {list(shape)}")
+        return read_tensor(headers, key, rows)
+    return read_rows
 
 
 def random_init(seed: int):
-    """full_tensor for materialize: model.py's init rule, one tensor at a time, seeded per parameter (so the same
-    weights for any world size)."""
-    def full_tensor(i, name, shape):
+    """read_rows for materialize: model.py's init rule, seeded per parameter, on the full tensor (one at a time) so
+    the weights are the same for any world size; this rank keeps its rows."""
+    def read_rows(i, name, shape, rows):
         full = torch.empty(shape)
         torch.manual_seed(seed * 100_003 + i)
         init_weights(types.SimpleNamespace(named_parameters=lambda: [(name, full)]))  # init_weights walks only this
-        return full
-    return full_tensor
+        return full[rows[0]:rows[1]]
+    return read_rows
 
 
 def decode_table(vla, model_config, device):
