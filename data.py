@@ -717,7 +717,13 @@ def demo_episode(env: DemoEnv) -> dict:
     return {"steps": steps}
 
 
-def make_demo(data_dir, episodes: int = 400, seed: int = 0, image_size: int = 224) -> Path:
+# 2000 episodes (~4,800 frames, 17 s to write): the tiny model sees each training frame ~3.7 times in the demo recipe's
+# 16,000 samples. With 400 episodes it saw each ~18 times and generalized worse in closed loop: held-out accuracy
+# 0.966 and success 80% vs 0.973 and 92%, in the same 1000 steps.
+DEMO_EPISODES = 2000
+
+
+def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size: int = 224) -> Path:
     """Write `episodes` expert episodes (90% train, 10% val) as the RLDS dataset nanovla_demo under data_dir."""
     env = DemoEnv(image_size, seed)
     eps = [demo_episode(env) for _ in range(episodes)]
@@ -752,7 +758,7 @@ def demo_success_rate(policy, episodes: int = 50, seed: int = 1234, image_size: 
 class DataConfig:
     make_demo: Path | None = None
     """write the demo task as an RLDS dataset (nanovla_demo/1.0.0) under this directory, then exit"""
-    demo_episodes: int = 400
+    demo_episodes: int = DEMO_EPISODES
     """number of expert episodes the demo writes (90% train, 10% val)"""
     data_root: Path | None = None
     """directory of RLDS datasets (<data_root>/<name>/<version>/): print statistics and a few tokenized frames"""
