@@ -588,8 +588,8 @@ class VLA(nn.Module):
 
         unnorm_key: one key for all rows, or a list with one key per row.
         """
-        if len(images) != len(instructions):
-            raise ValueError(f"got {len(images)} images but {len(instructions)} instructions")
+        if len(images) != len(instructions) or not images:
+            raise ValueError(f"got {len(images)} images and {len(instructions)} instructions; need the same number, >= 1")
         keys = unnorm_key if isinstance(unnorm_key, (list, tuple)) else [unnorm_key] * len(images)
         keys = [resolve_unnorm_key(self.norm_stats, k) for k in keys]
         dims = {action_dim(self.norm_stats, k) for k in keys}

@@ -277,6 +277,10 @@ def test_actions_depend_on_image_and_unnorm_key_errors(fixture_vla):
         vla.predict_action(np.zeros((64, 64, 3), np.uint8), "pick up the cup")  # two keys: must name one
     with pytest.raises(ValueError, match="uint8"):
         vla.predict_action(np.zeros((64, 64, 3), np.float32), "pick up the cup", "bridge_orig")
+    with pytest.raises(ValueError, match="1 images and 2 instructions"):
+        vla.predict_actions([np.zeros((64, 64, 3), np.uint8)], ["a", "b"], "bridge_orig")
+    with pytest.raises(ValueError, match=">= 1"):
+        vla.predict_actions([], [], "bridge_orig")
 
 
 def released_7b_shapes() -> dict:
