@@ -241,39 +241,64 @@ def serve_load(port: int, n_clients: int, n_requests: int, bodies: list[bytes]) 
     return latencies, wall
 
 
-def bench_serving(name, vla, config: ServeBenchConfig, requests: tuple[int, ...]):
+def start_server(checkpoint, dtype: str, device: str, max_batch_size: int, max_wait_ms: float):
+    """`python serve.py` as a user runs it, in its own process -> (process, port). Not in this process: each thread
+    that runs torch ops gets an OpenMP team, and two live servers here would mean two teams, past the core count,
+    where libgomp stops spinning between parallel regions (serve.py keeps all its torch work on one thread)."""
+    import re
     import threading
+
+    cmd = [sys.executable, "serve.py", "--config.checkpoint", str(checkpoint), "--config.port", "0", "--config.dtype",
+           dtype, "--config.device", device, "--config.max-batch-size", str(max_batch_size),
+           "--config.max-wait-ms", str(max_wait_ms)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # until it logs its address
+        lines.append(line)
+        if match := re.search(r" on http://127\.0\.0\.1:(\d+)", line):
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining its log
+            return proc, int(match[1])
+    raise RuntimeError("serve.py did not start:\n" + "".join(lines[-20:]))
+
+
+def get_health(port: int) -> dict:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/health")
+    return json.loads(conn.getresponse().read())
+
+
+def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, requests: tuple[int, ...]):
+    import signal
 
     import json_numpy
 
-    import serve
-
-    rng = np.random.default_rng(0)
-    key = sorted(vla.norm_stats)[0]
-    bodies = [json_numpy.dumps({"image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
-                                "instruction": f"pick up the {w} cup", "unnorm_key": key}).encode()
-              for w in ("red", "blue", "green", "big", "small", "left", "right", "tall")]
-    vla.predict_actions([np.zeros((256, 256, 3), np.uint8)], ["warm up"], key)
-    servers = {}
-    for mode, size in (("one-at-a-time", 1), ("batched", config.max_batch_size)):
-        cfg = serve.ServeConfig(port=0, max_batch_size=size, max_wait_ms=config.max_wait_ms)
-        servers[mode] = serve.PolicyServer(cfg).attach(vla)
-        threading.Thread(target=servers[mode].serve_forever, daemon=True).start()
+    servers = {mode: start_server(checkpoint, dtype, config.device, size, config.max_wait_ms)
+               for mode, size in (("one-at-a-time", 1), ("batched", config.max_batch_size))}
     print(f"  {'clients':>7} {'mode':<14} {'requests':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10}")
     results = {}
     try:
+        key = get_health(servers["batched"][1])["unnorm_keys"][0]
+        rng = np.random.default_rng(0)
+        bodies = [json_numpy.dumps({"image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+                                    "instruction": f"pick up the {w} cup", "unnorm_key": key}).encode()
+                  for w in ("red", "blue", "green", "big", "small", "left", "right", "tall")]
+        for _, port in servers.values():
+            serve_load(port, 1, 2, bodies)  # warm-up: the first requests of a fresh process
         for n_clients, n_requests in zip(config.clients, requests, strict=True):
-            for mode, server in servers.items():  # interleaved, so drift in machine load hits both alike
-                batches = server.batcher.n_batches
-                latencies, wall = serve_load(server.server_address[1], n_clients, n_requests, bodies)
+            for mode, (_, port) in servers.items():  # interleaved, so drift in machine load hits both alike
+                batches = get_health(port)["batches"]
+                latencies, wall = serve_load(port, n_clients, n_requests, bodies)
                 p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
                 results[n_clients, mode] = (n_requests / wall, p50, p99)
-                mean_batch = n_requests / (server.batcher.n_batches - batches)
+                mean_batch = n_requests / (get_health(port)["batches"] - batches)
                 print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {n_requests / wall:>9.3f} {p50:>9.1f} {p99:>9.1f} "
                       f"{mean_batch:>10.2f}", flush=True)
     finally:
-        for server in servers.values():
-            server.stop()
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)  # graceful: serve.py finishes what is in flight
+            proc.wait(60)
     for n_clients in config.clients:
         report(f"{name}: req/s, {n_clients} clients, batched", results[n_clients, "batched"][0], "req/s",
                "one-at-a-time", results[n_clients, "one-at-a-time"][0])
@@ -283,20 +308,23 @@ def bench_serving(name, vla, config: ServeBenchConfig, requests: tuple[int, ...]
 
 
 def serve_bench(config: ServeBenchConfig):
-    """Requests/s and p50/p99 latency of serve.py at 1/4/16 clients: batched vs one-at-a-time, same model, same run."""
+    """Requests/s and p50/p99 latency of serve.py at 1/4/16 clients: batched vs one-at-a-time, measured alternately
+    in the same run, each a `python serve.py` process; the clients are threads of this process."""
     from model import VLA
 
     print(f"machine: {machine()}")
     print(f"serve.py over 127.0.0.1, 256x256 json_numpy requests, batched = max_batch_size {config.max_batch_size}, "
-          f"max_wait_ms {config.max_wait_ms}; client threads run in this process")
-    print("tiny fixture (../shared/fixtures/openvla-tiny), fp32:")
-    tiny = VLA.from_pretrained(FIXTURE, dtype=torch.float32, device=config.device)
-    bench_serving("tiny", tiny, config, config.tiny_requests)
+          f"max_wait_ms {config.max_wait_ms}")
+    print("tiny fixture (../shared/fixtures/openvla-tiny), float32:")
+    bench_serving("tiny", FIXTURE, "float32", config, config.tiny_requests)
     if not config.skip_mid:
-        print("mid config (real-size DINOv2-L + SigLIP-So400m, ~1B Llama-shaped LLM, random weights), fp32:")
-        mid = VLA.build("mid", dtype=torch.float32, device=config.device)
-        mid.config.norm_stats = tiny.norm_stats
-        bench_serving("mid", mid, config, config.mid_requests)
+        print("mid config (real-size DINOv2-L + SigLIP-So400m, ~1B Llama-shaped LLM, random weights), bfloat16:")
+        with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+            mid = VLA.build("mid", dtype=torch.bfloat16)
+            mid.config.norm_stats = json.loads((FIXTURE / "config.json").read_text())["norm_stats"]
+            mid.save_pretrained(Path(tmp) / "mid")  # serve.py loads checkpoints: a random-weight one, 3.6 GB
+            del mid
+            bench_serving("mid", Path(tmp) / "mid", "bfloat16", config, config.mid_requests)
 
 
 # ----------------------------------------------------------------------------------------------------------------

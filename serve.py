@@ -247,13 +247,18 @@ class Batcher:
     never waits: the batch is held open only when other requests are being read, are queued, or shared the last batch.
     """
 
-    def __init__(self, vla, max_batch_size: int, max_wait_ms: float, max_pending: int):
-        self.vla, self.max_batch_size, self.max_wait_s, self.max_pending = vla, max_batch_size, max_wait_ms / 1e3, max_pending
+    def __init__(self, load, max_batch_size: int, max_wait_ms: float, max_pending: int):
+        """load() -> the model, called on the worker thread; returns once it is loaded (or re-raises its error)."""
+        self.vla, self.max_batch_size, self.max_wait_s, self.max_pending = None, max_batch_size, max_wait_ms / 1e3, max_pending
         self.jobs: queue.Queue = queue.Queue()
         self.n_batches = 0  # forwards run; requests / n_batches = mean batch size (in /health)
         self.n_arriving, self.lock = 0, threading.Lock()  # requests being read and parsed, not yet queued
-        self.thread = threading.Thread(target=self.run, name="model-worker", daemon=True)
+        self.loaded, self.load_error = threading.Event(), None
+        self.thread = threading.Thread(target=self.run, args=(load,), name="model-worker", daemon=True)
         self.thread.start()
+        self.loaded.wait()
+        if self.load_error is not None:
+            raise self.load_error
 
     @contextlib.contextmanager
     def arriving(self):
@@ -280,7 +285,18 @@ class Batcher:
         self.jobs.put(None)
         self.thread.join()
 
-    def run(self):
+    def run(self, load):
+        # Every torch op of the server runs on this one thread, loading and warm-up included. Each thread that runs
+        # torch ops on CPU gets its own OpenMP thread team, and once a process has more OpenMP threads than cores,
+        # libgomp stops spinning between parallel regions and puts threads to sleep instead: the tiny model's
+        # predict_action took 34 ms that way instead of 12 ms (HTTP threads only parse; they never touch torch).
+        try:
+            self.vla = load()
+        except BaseException as e:  # noqa: BLE001 (handed to the constructor, which re-raises it on its thread)
+            self.load_error = e
+            return
+        finally:
+            self.loaded.set()
         stop, last_size = False, 1
         while not stop:
             job = self.jobs.get()
@@ -328,7 +344,8 @@ class Batcher:
 
 
 class PolicyServer(ThreadingHTTPServer):
-    """Binds at construction (a busy port fails before the model loads); attach(vla) starts the model worker."""
+    """Binds at construction (a busy port fails before the model loads); attach(load) starts the model worker, which
+    calls load() -> model on its own thread."""
 
     daemon_threads = False  # server_close() then joins the request threads: requests in flight finish on shutdown
     request_queue_size = 128  # listen backlog; the default 5 drops connections from bursts of clients (1 s retries)
@@ -343,9 +360,9 @@ class PolicyServer(ThreadingHTTPServer):
             raise SystemExit(f"cannot listen on {config.host}:{config.port} ({e}); pick another --config.port, "
                              "or 0 for any free one") from None
 
-    def attach(self, vla):
-        self.vla = vla
-        self.batcher = Batcher(vla, self.config.max_batch_size, self.config.max_wait_ms, self.config.max_pending)
+    def attach(self, load):
+        self.batcher = Batcher(load, self.config.max_batch_size, self.config.max_wait_ms, self.config.max_pending)
+        self.vla = self.batcher.vla
         return self
 
     @property
@@ -520,7 +537,7 @@ def main(config: ServeConfig) -> dict:
     server = PolicyServer(config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         log.warning("listening on %s without --config.token: anyone who reaches this port can move the robot", config.host)
-    server.attach(load_policy(config))
+    server.attach(lambda: load_policy(config))  # on the model worker thread, with every other torch op
 
     stopping = threading.Event()
 

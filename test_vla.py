@@ -1423,11 +1423,13 @@ class _FakeVLA:
 
         self.norm_stats, self.batches, self.started = {"fake": {}}, [], threading.Event()
         self.weight = torch.zeros(1)
+        self.threads = {threading.current_thread().name}  # where it was built, then where every call ran
 
     def parameters(self):
         return iter([self.weight])
 
     def predict_actions(self, images, instructions, unnorm_key=None):
+        self.threads.add(threading.current_thread().name)
         self.batches.append(len(images))
         self.started.set()
         time.sleep(0.5 if "slow" in instructions else 0.0)
@@ -1439,8 +1441,8 @@ class _FakeVLA:
 def test_serve_model_failure_is_500_and_stop_finishes_requests_in_flight():
     import serve
 
-    fake = _FakeVLA()
-    server = serve.PolicyServer(serve.ServeConfig(port=0, max_wait_ms=200)).attach(fake)
+    server = serve.PolicyServer(serve.ServeConfig(port=0, max_wait_ms=200)).attach(_FakeVLA)
+    fake = server.vla
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     post = lambda text: _http(port, "POST", "/act", json.dumps({"image": [[[0, 0, 0]]], "instruction": text}).encode())
@@ -1453,6 +1455,8 @@ def test_serve_model_failure_is_500_and_stop_finishes_requests_in_flight():
         assert results[0][0] == 500 and "boom" in json.loads(results[0][2])["error"]  # the failing request fails alone
         assert [json.loads(r[2]) for r in results[1:]] == [[3.0] * 7, [4.0] * 7, [5.0] * 7]
         assert fake.batches == [1, 4, 1, 1, 1, 1], fake.batches
+        # built and run on the one model thread: a second thread running torch ops would get its own OpenMP team
+        assert fake.threads == {"model-worker"}, fake.threads
         assert post("ok")[0] == 200  # the server keeps serving
         fake.started = threading.Event()
         with ThreadPoolExecutor(1) as pool:
@@ -1465,6 +1469,17 @@ def test_serve_model_failure_is_500_and_stop_finishes_requests_in_flight():
     finally:
         if server.batcher.thread.is_alive():
             server.stop()
+
+
+def test_serve_load_error_reaches_the_caller():
+    import serve
+
+    def load():
+        raise SystemExit("cannot load /nowhere: missing config.json")
+    server = serve.PolicyServer(serve.ServeConfig(port=0))
+    with pytest.raises(SystemExit, match="missing config.json"):  # raised on the worker, re-raised for main()
+        server.attach(load)
+    server.server_close()
 
 
 def test_serve_sigterm_exits_cleanly(served):
