@@ -184,15 +184,31 @@ MIXTURES = {
 
 
 def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
-    """[(dataset, weight)] of a mixture or a single dataset; duplicates dropped (first kept), as the original."""
+    """[(dataset, weight)] of a named mixture, a single dataset, or your own "name:weight,name:weight" list (e.g.
+    "my_robot:1.0,bridge_orig:0.5" to co-train with Bridge; a missing weight is 1.0); duplicates dropped (first
+    kept), as the original. Weights are pre-balancing, as in the named mixtures (REFERENCE.md 9.5)."""
     if data_mix in MIXTURES:
         mix = MIXTURES[data_mix]
     elif data_mix in DATASETS:
         mix = [(data_mix, 1.0)]
+    elif "," in data_mix or ":" in data_mix:
+        mix = []
+        for part in data_mix.split(","):
+            name, _, weight = part.strip().partition(":")
+            try:
+                mix.append((name.strip(), float(weight) if weight.strip() else 1.0))
+            except ValueError:
+                raise DataError(f"data mix {data_mix!r}: weight {weight!r} of {name!r} is not a number; expected "
+                                "name:weight,name:weight (e.g. bridge_orig:1.0,fractal20220817_data:0.5)") from None
+            if not name.strip() or not mix[-1][1] > 0:
+                raise DataError(f"data mix {data_mix!r}: {part.strip()!r} needs a dataset name and a weight > 0")
     else:
         raise DataError(f"unknown dataset or mixture {data_mix!r}; known datasets: {sorted(DATASETS)}; "
                         f"mixtures: {sorted(MIXTURES)}")
-    mix = list(dict(reversed(mix)).items())[::-1]  # dedupe keeping the first weight of each name, in order
+    first = {}
+    for name, weight in mix:  # dedupe: the first weight of each name, in the mixture's order
+        first.setdefault(name, weight)
+    mix = list(first.items())
     missing = [name for name, _ in mix if name not in DATASETS]
     if missing:
         raise DataError(f"mixture {data_mix!r}: not supported yet: {', '.join(missing)} (add a standardization "

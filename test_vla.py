@@ -754,10 +754,17 @@ def test_data_normalization_round_trip_and_label_layout(rlds_root, fixture_token
         assert (ids[n:] == 32000).all() and (labels[n:] == -100).all() and mask.sum() == n
 
 
-def test_data_mixture_proportions(rlds_root, fixture_tokenizer, monkeypatch):
+def test_data_mixture_proportions(rlds_root, fixture_tokenizer):
     root, _ = rlds_root
-    monkeypatch.setitem(data.MIXTURES, "test_mix", [("bridge_orig", 1.0), ("libero_spatial_no_noops", 0.5)])
-    ds = data.RLDSDataset(root, "test_mix", fixture_tokenizer, image_size=16, shuffle_buffer_size=50, seed=3)
+    # a mixture of your own as a string: the same as a named one
+    assert data.resolve_mixture("bridge_orig, libero_spatial_no_noops:0.5,bridge_orig:3") == \
+        [("bridge_orig", 1.0), ("libero_spatial_no_noops", 0.5)]
+    for bad, why in (("bridge_orig:x", "is not a number"), ("bridge_orig:0", "weight > 0"), (",bridge_orig", "name"),
+                     ("bridge_orig,kuka:1", "not supported yet: kuka"), ("bridge_orig,nope:1", "not supported yet: nope")):
+        with pytest.raises(data.DataError, match=why):
+            data.resolve_mixture(bad)
+    ds = data.RLDSDataset(root, "bridge_orig:1.0,libero_spatial_no_noops:0.5", fixture_tokenizer, image_size=16,
+                          shuffle_buffer_size=50, seed=3)
     n = 1500
     names = [f[0][0] for f, _ in zip(ds._stream(np.random.default_rng(1)), range(n))]  # no decoding needed
     sizes = np.array([ds.norm_stats[k]["num_transitions"] for k in ds.names])
