@@ -54,7 +54,8 @@ class TrainConfig:
     data_root: Path = Path("runs/demo_data")
     """directory of RLDS datasets (<data-root>/<name>/<version>/); the demo task is written here on first run"""
     data_mix: str = "nanovla_demo"
-    """a dataset name or a mixture (data.py MIXTURES), e.g. bridge_orig or oxe_magic_soup_plus_minus"""
+    """a dataset name, a mixture (data.py MIXTURES), or your own "name:weight,name:weight", e.g. bridge_orig,
+    oxe_magic_soup_plus_minus, or my_robot:1.0,bridge_orig:0.5"""
     run_dir: Path = Path("runs/demo")
     """checkpoints/, metrics.jsonl and train_config.json go here"""
     export_dir: Path | None = None
