@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # Import order matters on CUDA builds of torch: loading triton (torch.compile -> torch._dynamo -> triton) *after*
 # tensorflow segfaults the process (seen with torch 2.14.1 + tensorflow-cpu 2.21; both ship their own LLVM/protobuf
@@ -299,7 +300,11 @@ def read_episodes(builder, name: str, split: str, shuffle_seed: int | None = Non
 
 
 def compute_statistics(builder, name: str) -> dict:
-    actions = [ep["action"] for _, ep in read_episodes(builder, name, "all")]
+    n_episodes = sum(split.num_examples for split in builder.info.splits.values())
+    # a full dataset takes minutes (BridgeData V2: 60k episodes): a progress bar on terminals (tqdm's disable=None)
+    episodes = tqdm(read_episodes(builder, name, "all"), total=n_episodes, desc=f"statistics of {name} (once)",
+                    unit="episode", disable=None)
+    actions = [ep["action"] for _, ep in episodes]
     if not actions or not sum(len(a) for a in actions):
         raise DataError(f"{name}: {builder.data_dir} holds no steps after standardization; nothing to train on")
     a = np.concatenate(actions)  # float32 (N, 7): mean/std/max/min come out float32, the quantiles float64
@@ -742,7 +747,7 @@ DEMO_EPISODES = 2000
 def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size: int = 224) -> Path:
     """Write `episodes` expert episodes (90% train, 10% val) as the RLDS dataset nanovla_demo under data_dir."""
     env = DemoEnv(image_size, seed)
-    eps = [demo_episode(env) for _ in range(episodes)]
+    eps = [demo_episode(env) for _ in tqdm(range(episodes), desc="demo episodes", unit="episode", disable=None)]
     n_val = max(1, episodes // 10)
     F = tfds.features
     image = F.Image(shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="png")  # flat colours: lossless

@@ -869,6 +869,8 @@ def load_weights(vla: nn.Module, headers: dict):
     by_file = {}
     for key, info in headers.items():
         by_file.setdefault(info[0], []).append((info[3], key))
+    total = sum(info[4] for info in headers.values())
+    bar = _bytes_bar(total, "loading weights")
     with torch.no_grad():
         for file, entries in by_file.items():
             with open(file, "rb", buffering=0) as f:
@@ -880,6 +882,15 @@ def load_weights(vla: nn.Module, headers: dict):
                     _read_into(f, offset, nbytes, buf, key)
                     if not direct:
                         dst.copy_(buf)
+                    bar.update(nbytes)
+    bar.close()
+
+
+def _bytes_bar(total: int, desc: str):
+    """A progress bar for checkpoint I/O: only for >= 1 GiB (the 7B's 15 GB take a minute) and only on a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=True if total < 2**30 else None)
 
 
 def write_weights(vla: nn.Module, out: Path, max_shard_bytes: int):
@@ -902,9 +913,12 @@ def write_weights(vla: nn.Module, out: Path, max_shard_bytes: int):
         total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    bar = _bytes_bar(sum(t.numel() * t.element_size() for shard in shards for t in shard.values()), "saving weights")
     for name, shard in zip(names, shards):
         # "format": "pt" is what transformers' loader checks in the metadata
         save_file({k: t.detach().contiguous().cpu() for k, t in shard.items()}, str(out / name), metadata={"format": "pt"})
+        bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
+    bar.close()
 
 
 def hf_config(cfg: VLAConfig, dtype_name: str) -> dict:
