@@ -487,19 +487,27 @@ def time_synthetic_steps(vla, params, device, batch, steps, clip):
     return seconds, int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
 
 
+def probe_model(model: str, trainable: bool):
+    """The probes' common start: the process group, then the model on meta with every parameter that runs trainable
+    (or none) -> (vla, world, device)."""
+    import train
+    from model import CONFIGS, VLA
+
+    _, world, device = train.setup_distributed()
+    with torch.device("meta"):
+        vla = VLA(mid_train_config() if model == "mid-train" else CONFIGS[model])
+    unused = set(vla.unused_parameter_names())
+    for name, p in vla.named_parameters():
+        p.requires_grad_(trainable and name not in unused)
+    return vla, world, device
+
+
 def train_probe(model: str, checkpointing: bool, batch: int, steps: int):
     """One setting in a fresh process (peak memory is per process): train.py's FSDP2 + bf16 step on a synthetic
     demo-shaped batch (82 text tokens, 8 supervised); prints {samples_per_s, tokens_per_s, peak_gb, params}."""
     import train
-    from model import CONFIGS, VLA
 
-    rank, world, device = train.setup_distributed()
-    config = mid_train_config() if model == "mid-train" else CONFIGS[model]
-    with torch.device("meta"):
-        vla = VLA(config)
-    unused = set(vla.unused_parameter_names())
-    for name, p in vla.named_parameters():
-        p.requires_grad_(name not in unused)
+    vla, world, device = probe_model(model, trainable=True)
     train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=checkpointing)
     train.materialize(vla, device, train.random_init(seed=0))
     params = [p for p in vla.parameters() if p.requires_grad]
@@ -556,15 +564,8 @@ def finetune_probe(model: str, lora: bool, batch: int, steps: int):
     (train.py: fp32 master + AdamW), both FSDP2 + bf16 compute + activation checkpointing; prints step time and peak."""
     import finetune
     import train
-    from model import CONFIGS, VLA
 
-    rank, world, device = train.setup_distributed()
-    config = mid_train_config() if model == "mid-train" else CONFIGS[model]
-    with torch.device("meta"):
-        vla = VLA(config)
-    unused = set(vla.unused_parameter_names())
-    for name, p in vla.named_parameters():
-        p.requires_grad_(name not in unused and not lora)
+    vla, world, device = probe_model(model, trainable=not lora)
     if lora:
         vla = vla.to(torch.bfloat16)
         finetune.add_lora(vla, 32, 16.0, 0.0)
