@@ -195,13 +195,13 @@ def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
     elif "," in data_mix or ":" in data_mix:
         mix = []
         for part in data_mix.split(","):
-            name, _, weight = part.strip().partition(":")
+            name, _, weight = (x.strip() for x in part.partition(":"))
             try:
-                mix.append((name.strip(), float(weight) if weight.strip() else 1.0))
+                mix.append((name, float(weight or 1.0)))
             except ValueError:
                 raise DataError(f"data mix {data_mix!r}: weight {weight!r} of {name!r} is not a number; expected "
                                 "name:weight,name:weight (e.g. bridge_orig:1.0,fractal20220817_data:0.5)") from None
-            if not name.strip() or not mix[-1][1] > 0:
+            if not name or not mix[-1][1] > 0:
                 raise DataError(f"data mix {data_mix!r}: {part.strip()!r} needs a dataset name and a weight > 0")
     else:
         raise DataError(f"unknown dataset or mixture {data_mix!r}; known datasets: {sorted(DATASETS)}; "
