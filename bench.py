@@ -361,6 +361,7 @@ def data_rss_probe(root: str, name: str, buffer: int):
 
 def data_bench(config: DataBenchConfig):
     import data  # loads torch._dynamo before tensorflow (see data.py)
+    import demo
     import tensorflow_datasets as tfds
     from model import VLA
     from tokenizer import build_text_tokenizer
@@ -369,7 +370,7 @@ def data_bench(config: DataBenchConfig):
     (root / "bridge_orig" / "1.0.0").mkdir(parents=True)  # file links: the statistics cache is written here
     for f in (ROOT.parent / "shared" / "data" / "bridge_dataset" / "1.0.0").iterdir():
         (root / "bridge_orig" / "1.0.0" / f.name).symlink_to(f)
-    data.make_demo(root, episodes=config.demo_episodes)
+    demo.make_demo(root, episodes=config.demo_episodes)
     tokenizer, n = build_text_tokenizer(), config.frames
     print(f"machine: {machine()}")
     print(f"data.py at 224 px, batch {config.batch_size}, shuffle buffer 1000; bridge_orig = the 25+25-episode "

@@ -1,6 +1,6 @@
-"""RLDS robot episodes -> tokenized, augmented training batches, exactly as OpenVLA trains on them (+ the demo task).
+"""RLDS robot episodes -> tokenized, augmented training batches, exactly as OpenVLA trains on them.
 
-    python data.py --make-demo demo_data                          # write the demo task as an RLDS dataset
+    python demo.py --data-dir demo_data                           # write the demo task as an RLDS dataset
     python data.py --data-root demo_data --data-mix nanovla_demo  # statistics and a few tokenized frames
     python data.py --data-root ../shared/data --data-mix bridge_orig
 
@@ -142,7 +142,7 @@ def libero(steps):
 
 
 def nanovla_demo(steps):
-    """The demo task written by `python data.py --make-demo`: already in the standard format."""
+    """The demo task written by demo.py: already in the standard format."""
     return {"image": steps["observation"]["image"], "action": steps["action"],
             "instruction": steps["language_instruction"], "proprio": steps["observation"]["state"]}
 
@@ -645,157 +645,21 @@ def write_rlds(data_dir, name: str, features: dict, splits: dict, version: str =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The demo task: reach the named block on a table top, seen by a wrist camera, drawn with numpy
-
-
-DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 200, 30)}
-DEMO_GRID = 3  # the gripper and the blocks sit on a 3 x 3 grid of cells over the table, which spans [-1, 1]
-DEMO_STEP = 2 / (DEMO_GRID - 1)  # table units between neighbouring cells: one move
-DEMO_BLOCKS = 2  # the named block and a distractor of another colour
-DEMO_CELL_PX = 56  # a cell is 56 px (4 x 4 ViT patches) in the 224 px wrist view
-DEMO_MAX_STEPS = 20  # a rollout's budget; the expert needs at most 2 moves, then closes
-
-
-class DemoEnv:
-    """A table with two coloured blocks on a 3 x 3 grid, seen by a wrist camera looking down; "move to the red block".
-
-    The camera moves with the gripper: the image is always centred on the gripper (a dark ring at the image centre),
-    so the table and the blocks pan as it moves. Each block fills one grid cell, 4 x 4 ViT patches of the 224 px view.
-    Actions are OpenVLA's 7-dim: (dx, dy) move the gripper (right, down) by whole cells, each rounded to -1 / 0 / +1
-    cell (DEMO_STEP table units) per step; the 4 rotation / height dims are unused (always 0, so they normalize to 0);
-    the gripper is 1 (open) while moving and 0 when closing on the target. The scripted expert steps one cell per axis
-    towards the target, then closes; so actions are discrete (-1 / 0 / +1 after q01/q99 normalization) and a tiny
-    model only has to read the colour and see on which side of the image centre that colour is. success = the target
-    block under the gripper (the image centre).
-
-        env = DemoEnv(seed=0); image, instruction = env.reset()
-        image, success = env.step(env.expert_action())
-    """
-
-    max_steps = DEMO_MAX_STEPS
-
-    def __init__(self, image_size: int = 224, seed: int = 0):
-        self.image_size, self.rng = image_size, np.random.default_rng(seed)
-        self.px = (np.arange(image_size) + 0.5 - image_size / 2) / (image_size / 224 * DEMO_CELL_PX)  # cells from centre
-
-    def reset(self):
-        """A new scene: (image uint8 (S, S, 3), instruction)."""
-        self.colors = list(self.rng.choice(list(DEMO_COLORS), size=DEMO_BLOCKS, replace=False))
-        cells = self.rng.choice(DEMO_GRID**2, size=DEMO_BLOCKS, replace=False)  # distinct cells of the grid
-        self.blocks = np.stack([cells % DEMO_GRID, cells // DEMO_GRID], axis=1) * DEMO_STEP - 1.0
-        self.target = int(self.rng.integers(DEMO_BLOCKS))
-        while True:  # the gripper starts away from the target
-            self.gripper = self.rng.integers(DEMO_GRID, size=2) * DEMO_STEP - 1.0
-            if np.abs(self.gripper - self.blocks[self.target]).max() > DEMO_STEP / 2:
-                break
-        self.t, self.instruction = 0, f"move to the {self.colors[self.target]} block"
-        return self.render(), self.instruction
-
-    def step(self, action):
-        """Apply a 7-dim action (unnormalized); returns (image, success)."""
-        move = np.clip(np.round(np.asarray(action, np.float64)[:2] / DEMO_STEP), -1, 1) * DEMO_STEP
-        self.gripper = np.clip(self.gripper + move, -1.0, 1.0)
-        self.t += 1
-        return self.render(), self.success()
-
-    def success(self) -> bool:
-        return bool(np.abs(self.gripper - self.blocks[self.target]).max() < DEMO_STEP / 2)
-
-    def expert_action(self) -> np.ndarray:
-        d = self.blocks[self.target] - self.gripper
-        move = np.where(np.abs(d) > DEMO_STEP / 2, np.sign(d) * DEMO_STEP, 0.0)
-        return np.array([move[0], move[1], 0, 0, 0, 0, float(move.any())], np.float32)
-
-    def render(self) -> np.ndarray:
-        S, cell = self.image_size, DEMO_STEP
-        x = self.gripper[0] / cell + self.px  # table position of each pixel column / row, in cells
-        y = self.gripper[1] / cell + self.px
-        image = np.empty((S, S, 3), np.uint8)
-        image[:] = (200, 180, 145)  # wood
-        for color, (bx, by) in zip(self.colors, self.blocks):
-            image[np.ix_(np.abs(y - by / cell) < 0.5, np.abs(x - bx / cell) < 0.5)] = DEMO_COLORS[color]
-        r = np.hypot(*np.meshgrid(self.px, self.px))
-        image[(r > 0.3) & (r < 0.4)] = (30, 30, 30)  # the gripper: a dark ring at the centre, the block shows through
-        return image
-
-    def state(self) -> np.ndarray:
-        return np.array([*self.gripper, 0, 0, 0, 0, 0, 0], np.float32)  # LIBERO-like 8-dim proprio (unused)
-
-
-def demo_episode(env: DemoEnv) -> dict:
-    """One expert episode as RLDS steps: observation t, action t; the last step is the closing one."""
-    image, instruction = env.reset()
-    steps = []
-    while True:
-        action = env.expert_action()
-        steps.append({"observation": {"image": image, "state": env.state()}, "action": action,
-                      "language_instruction": instruction, "reward": 0.0, "discount": 1.0,
-                      "is_first": not steps, "is_last": False, "is_terminal": False})
-        if action[-1] == 0.0:  # closed on the target
-            break
-        image, _ = env.step(action)
-    steps[-1].update(reward=1.0, is_last=True, is_terminal=True)
-    return {"steps": steps}
-
-
-# 2000 episodes (~4,800 frames, 17 s to write): the tiny model sees each training frame ~3.7 times in the demo recipe's
-# 16,000 samples. With 400 episodes it saw each ~18 times and generalized worse in closed loop: held-out accuracy
-# 0.966 and success 80% vs 0.973 and 92%, in the same 1000 steps.
-DEMO_EPISODES = 2000
-
-
-def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size: int = 224) -> Path:
-    """Write `episodes` expert episodes (90% train, 10% val) as the RLDS dataset nanovla_demo under data_dir."""
-    env = DemoEnv(image_size, seed)
-    eps = [demo_episode(env) for _ in tqdm(range(episodes), desc="demo episodes", unit="episode", disable=None)]
-    n_val = max(1, episodes // 10)
-    F = tfds.features
-    image = F.Image(shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="png")  # flat colours: lossless
-    features = {"steps": F.Dataset({
-        "observation": F.FeaturesDict({"image": image, "state": F.Tensor(shape=(8,), dtype=np.float32)}),
-        "action": F.Tensor(shape=(ACTION_DIM,), dtype=np.float32), "language_instruction": F.Text(),
-        "reward": F.Scalar(dtype=np.float32), "discount": F.Scalar(dtype=np.float32), "is_first": F.Scalar(dtype=np.bool_),
-        "is_last": F.Scalar(dtype=np.bool_), "is_terminal": F.Scalar(dtype=np.bool_)})}
-    return write_rlds(data_dir, "nanovla_demo", features, {"train": eps[n_val:], "val": eps[:n_val]})
-
-
-def demo_success_rate(policy, episodes: int = 50, seed: int = 1234, image_size: int = 224) -> float:
-    """Closed-loop success of policy(image uint8 (S, S, 3), instruction) -> 7-dim unnormalized action."""
-    env, successes = DemoEnv(image_size, seed), 0
-    for _ in range(episodes):
-        image, instruction = env.reset()
-        for _ in range(env.max_steps):
-            image, success = env.step(policy(image, instruction))
-            if success:
-                successes += 1
-                break
-    return successes / episodes
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class DataConfig:
-    make_demo: Path | None = None
-    """write the demo task as an RLDS dataset (nanovla_demo/1.0.0) under this directory, then exit"""
-    demo_episodes: int = DEMO_EPISODES
-    """number of expert episodes the demo writes (90% train, 10% val)"""
     data_root: Path | None = None
     """directory of RLDS datasets (<data_root>/<name>/<version>/): print statistics and a few tokenized frames"""
     data_mix: str = "nanovla_demo"
     """a dataset name (a key of DATASETS) or a mixture (a key of MIXTURES)"""
     seed: int = 0
-    """seed of the demo episodes and of the stream"""
+    """seed of the stream"""
 
 
 def main(config: DataConfig):
-    if config.make_demo is not None:
-        path = make_demo(config.make_demo, config.demo_episodes, config.seed)
-        print(f"wrote {path}; train with --data-root {config.make_demo} --data-mix nanovla_demo")
-        return path
     if config.data_root is None:
-        raise SystemExit("pass --make-demo DIR or --data-root DIR (see python data.py --help)")
+        raise SystemExit("pass --data-root DIR (see python data.py --help; python demo.py writes the demo data)")
     from tokenizer import build_text_tokenizer
 
     ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), train=True, shuffle_buffer_size=1000, seed=config.seed)

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 import data
+import demo
 import train
 from model import VLA, read_config, read_weight_headers
 from tokenizer import action_dim, load_text_tokenizer
@@ -245,7 +246,7 @@ def main(config: FinetuneConfig) -> dict:
     model_config, tokenizer = read_config(config.checkpoint, headers), load_text_tokenizer(config.checkpoint)
     if config.dataset_name == "nanovla_demo" and not (config.data_root / "nanovla_demo").exists():
         if is_main:
-            data.make_demo(config.data_root)
+            demo.make_demo(config.data_root)
         dist.barrier()
     dataset = data.RLDSDataset(config.data_root, config.dataset_name, tokenizer,
                                image_size=model_config.vision[0].image_size, image_norm=model_config.image_norm,

@@ -554,6 +554,7 @@ import shutil  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import demo  # noqa: E402
 
 GOLDEN = SHARED / "data" / "golden" / "bridge_orig"
 BRIDGE_SAMPLE = SHARED / "data" / "bridge_dataset" / "1.0.0"
@@ -870,28 +871,28 @@ def _pixel_expert(image, instruction):
     """Solve the demo from pixels alone: find the named block's centre in the wrist view, step towards it (the
     gripper is the image centre; a block cut by the image edge still shows on its side of the centre)."""
     S = image.shape[0]
-    color = np.array(data.DEMO_COLORS[instruction.split()[-2]])
+    color = np.array(demo.DEMO_COLORS[instruction.split()[-2]])
     block = np.array(np.nonzero(np.all(np.abs(image.astype(int) - color) < 8, axis=-1))[::-1]).mean(axis=1) + 0.5
-    d = (block - S / 2) / (S / 224 * data.DEMO_CELL_PX) * data.DEMO_STEP  # pixels from the centre -> table units
-    move = np.where(np.abs(d) > data.DEMO_STEP / 2, np.sign(d) * data.DEMO_STEP, 0.0)
+    d = (block - S / 2) / (S / 224 * demo.DEMO_CELL_PX) * demo.DEMO_STEP  # pixels from the centre -> table units
+    move = np.where(np.abs(d) > demo.DEMO_STEP / 2, np.sign(d) * demo.DEMO_STEP, 0.0)
     return np.array([*move, 0, 0, 0, 0, float(move.any())])
 
 
 def test_data_demo_world_rlds_and_closed_loop(tmp_path, fixture_tokenizer):
-    path = data.main(data.DataConfig(make_demo=tmp_path, demo_episodes=20, seed=1))
+    path = demo.main(demo.DemoConfig(tmp_path, episodes=20, seed=1))
     assert path == tmp_path / "nanovla_demo" / "1.0.0" and (path / "features.json").is_file()
     ds = data.RLDSDataset(tmp_path, "nanovla_demo", fixture_tokenizer, train=False, split="train", shuffle_buffer_size=0)
     frames = list(ds.frames())
-    env = data.DemoEnv(seed=1)
-    episodes = [data.demo_episode(env) for _ in range(20)]
+    env = demo.DemoEnv(seed=1)
+    episodes = [demo.demo_episode(env) for _ in range(20)]
     assert ds.norm_stats["nanovla_demo"]["num_trajectories"] == 20
     assert ds.norm_stats["nanovla_demo"]["num_transitions"] == sum(len(e["steps"]) for e in episodes)
     assert len(frames) == sum(len(e["steps"]) for e in episodes[2:])  # 10% validation
     assert all(f["image"].shape == (224, 224, 3) and f["instruction"].startswith("move to the ") for f in frames)
     tokens = np.stack([ds.action_tokenizer.encode(f["action"]) for f in frames])
     assert set(np.unique(tokens[:, :2])) <= {31999, 31872, 31745, 31744} and (tokens[:, 2:6] == 31872).all()
-    assert data.demo_success_rate(_pixel_expert, episodes=20) == 1.0  # solvable from image + instruction alone
-    assert data.demo_success_rate(lambda image, instruction: np.zeros(7), episodes=20) == 0.0
+    assert demo.demo_success_rate(_pixel_expert, episodes=20) == 1.0  # solvable from image + instruction alone
+    assert demo.demo_success_rate(lambda image, instruction: np.zeros(7), episodes=20) == 0.0
 
 
 # ---- train.py -----------------------------------------------------------------------------------------------------
@@ -914,7 +915,7 @@ TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # 1
 @pytest.fixture(scope="module")
 def train_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_demo")
-    data.make_demo(root, episodes=20, seed=1)
+    demo.make_demo(root, episodes=20, seed=1)
     return root
 
 
@@ -1125,7 +1126,7 @@ def test_train_two_nodes_kill_resume_and_export(train_demo, tmp_path):
 
     vla = VLA.from_pretrained(killed / "export")  # the released layout, with the training data's statistics
     assert "nanovla_demo" in json.loads((killed / "export" / "config.json").read_text())["norm_stats"]
-    image, instruction = data.DemoEnv(seed=3).reset()
+    image, instruction = demo.DemoEnv(seed=3).reset()
     action = vla.predict_action(image, instruction, unnorm_key="nanovla_demo")
     assert action.shape == (7,) and np.isfinite(action).all()
 
@@ -1207,7 +1208,7 @@ def test_finetune_trains_adapters_only_resumes_and_merges(train_demo, tmp_path):
     assert "7-dim actions" in r["error"] and "[6]-dim" in r["error"]  # names both dimensions
     merged = VLA.from_pretrained(tmp_path / "full" / "merged")
     assert {"nanovla_demo", *json.loads((FIXTURE / "config.json").read_text())["norm_stats"]} <= set(merged.norm_stats)
-    image, instruction = data.DemoEnv(seed=3).reset()
+    image, instruction = demo.DemoEnv(seed=3).reset()
     action = merged.predict_action(image, instruction, unnorm_key="nanovla_demo")
     assert action.shape == (7,) and np.isfinite(action).all()
 

@@ -40,6 +40,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 import data
+import demo
 from model import CONFIGS, VLA, init_weights, read_config, read_tensor, read_weight_headers
 from tokenizer import IGNORE_INDEX, build_text_tokenizer, load_text_tokenizer
 
@@ -367,7 +368,7 @@ def main(config: TrainConfig) -> dict:
     if config.data_mix == "nanovla_demo" and not (config.data_root / "nanovla_demo").exists():
         if is_main:
             print(f"writing the demo task to {config.data_root} (once)")
-            data.make_demo(config.data_root)
+            demo.make_demo(config.data_root)
         dist.barrier()
     dataset = data.RLDSDataset(config.data_root, config.data_mix, tokenizer, image_size=model_config.vision[0].image_size,
                                image_norm=model_config.image_norm, train=True, image_aug=config.image_aug,
@@ -521,7 +522,7 @@ def evaluate_demo(config: TrainConfig, model_config) -> dict:
             mask = gt > vla.action_tokenizer.begin_idx
             correct, n = correct + int(((preds == gt) & mask).sum()), n + int(mask.sum())
     policy = lambda image, instruction: vla.predict_action(image, instruction, unnorm_key="nanovla_demo")  # noqa: E731
-    success = data.demo_success_rate(policy, episodes=config.eval_episodes)
+    success = demo.demo_success_rate(policy, episodes=config.eval_episodes)
     print(f"held-out action-token accuracy {correct / n:.3f} ({n} tokens); closed-loop success {success:.0%} "
           f"over {config.eval_episodes} demo episodes")
     return {"accuracy": correct / n, "success_rate": success}
