@@ -4,7 +4,7 @@
     python data.py --data-root demo_data --data-mix nanovla_demo  # statistics and a few tokenized frames
     python data.py --data-root ../shared/data --data-mix bridge_orig
 
-The path of one frame (REFERENCE.md 7 and 9; the original's prismatic/vla/datasets/rlds/*):
+The path of one frame (the original's prismatic/vla/datasets/rlds/*):
     <data_root>/<name>/<version>/*.tfrecord  --tfds, images left encoded-->  episode (steps as numpy arrays)
     --DATASETS[name]: standardize-->  {image, action (T, 7) with gripper 1 = open, instruction}
     --normalize (q01/q99, gripper masked)-->  frames  --mixture sampler by weight-->  shuffle buffer of *encoded*
@@ -38,10 +38,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-# Import order matters on CUDA builds of torch: loading triton (torch.compile -> torch._dynamo -> triton) *after*
-# tensorflow segfaults the process (seen with torch 2.14.1 + tensorflow-cpu 2.21; both ship their own LLVM/protobuf
-# symbols). So data.py loads torch._dynamo and triton first, whatever its caller imports later. If the caller already
-# imported tensorflow itself, loading triton now is the crash we avoid, so we leave it to torch.compile.
+# On CUDA builds of torch, loading triton (torch.compile) *after* tensorflow segfaults (both ship LLVM/protobuf
+# symbols): load it first, unless the caller already imported tensorflow (then loading it now is that crash).
 if "tensorflow" not in sys.modules:
     import torch._dynamo  # noqa: F401
 
@@ -49,29 +47,31 @@ if "tensorflow" not in sys.modules:
         import triton  # noqa: F401
     except ImportError:
         pass  # CPU builds have no triton: nothing to protect
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF's C++ start-up chatter
+# TF's start-up chatter (absl, oneDNN, CPU features) goes before any output of ours; oneDNN only speeds up ops we
+# do not run (matmul, conv): decode, resize and augmentation give the same bits without it (golden tests)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from tokenizer import IGNORE_INDEX, MAX_TEXT_TOKENS, ActionTokenizer, normalize_actions, training_example  # noqa: E402
 
-tf.config.set_visible_devices([], "GPU")  # TF only decodes images; the GPUs belong to torch (the original does this too)
+tf.config.set_visible_devices([], "GPU")  # TF only decodes images; the GPUs belong to torch (as the original)
 tf.get_logger().setLevel("ERROR")
 tfds.disable_progress_bar()
 
 ACTION_DIM = 7  # every standardized dataset: xyz, roll/pitch/yaw deltas, absolute gripper (1 = open, 0 = closed)
-ACTION_MASK = [True] * 6 + [False]  # EEF_POS: normalize the 6 movement dims, pass the gripper through (REF 7.2)
+ACTION_MASK = [True] * 6 + [False]  # EEF_POS: normalize the 6 movement dims, pass the gripper through
 PAD_TOKEN_ID = 32000  # <PAD>, added by OpenVLA after Llama-2's 32000 tokens
 # (mean, std) per vision backbone, as model.py reads them from preprocessor_config.json (bf16-rounded DINOv2 values)
 OPENVLA_IMAGE_NORM = (
     ((0.484375, 0.455078125, 0.40625), (0.228515625, 0.2236328125, 0.224609375)),  # DINOv2 -> channels 0-2
     ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SigLIP -> channels 3-5
 )
-# The original's image_augment_kwargs (prismatic/vla/datasets/datasets.py), applied in this order (REF 9.7)
+# The original's image_augment_kwargs (prismatic/vla/datasets/datasets.py), applied in this order
 CROP_SCALE, CROP_RATIO = (0.9, 0.9), (1.0, 1.0)  # always a square of 90% area
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.2, (0.8, 1.2), (0.8, 1.2), 0.05
 DECODE_THREADS, DECODE_AHEAD = 2, 32  # frames decode in threads (TF releases the GIL), in order, up to 32 ahead
-# (as examples: 32 x 1.2 MB of float32 pixel_values at 224 px)
 
 
 class DataError(ValueError):
@@ -80,7 +80,7 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Standardization: one numpy function per dataset, episode steps (T, ...) in, the common format out.
-# Images stay encoded bytes here; only what the dataset needs is touched (REF 9.4, the original's oxe/transforms.py).
+# Images stay encoded bytes here; only what the dataset needs is touched (the original's oxe/transforms.py).
 
 
 def binarize_gripper_actions(g: np.ndarray) -> np.ndarray:
@@ -187,7 +187,7 @@ MIXTURES = {
 def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
     """[(dataset, weight)] of a named mixture, a single dataset, or your own "name:weight,name:weight" list (e.g.
     "my_robot:1.0,bridge_orig:0.5" to co-train with Bridge; a missing weight is 1.0); duplicates dropped (first
-    kept), as the original. Weights are pre-balancing, as in the named mixtures (REFERENCE.md 9.5)."""
+    kept), as the original. Weights are pre-balancing, as in the named mixtures (oxe/mixtures.py)."""
     if data_mix in MIXTURES:
         mix = MIXTURES[data_mix]
     elif data_mix in DATASETS:
@@ -287,16 +287,26 @@ def read_episodes(builder, name: str, split: str, shuffle_seed: int | None = Non
             episode = next(episodes)
         except StopIteration:
             return
-        except tf.errors.OpError as e:  # DataLossError for a truncated or corrupt tfrecord
-            files = sorted({Path(f).name for f in tf.io.gfile.glob(f"{builder.data_dir}/*.tfrecord*")})
-            raise DataError(f"{name}: corrupt record in split {split!r} of {builder.data_dir} (files {files}): "
-                            f"{e.message.splitlines()[0]}") from None
+        except tf.errors.OpError as e:  # DataLossError for a truncated or corrupt tfrecord; it names no file
+            raise DataError(f"{name}: corrupt record in {_unreadable_file(builder) or builder.data_dir} (split "
+                            f"{split!r}): {e.message.splitlines()[0]}") from None
         where = f"{name} ({builder.data_dir}/{episode['tfds_id'].decode()})"
         yield where, standardize(name, episode, where)
 
 
+def _unreadable_file(builder) -> str | None:
+    """The first tfrecord of the dataset whose records fail their checksums."""
+    for path in sorted(tf.io.gfile.glob(f"{builder.data_dir}/*.tfrecord*")):
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                pass
+        except tf.errors.OpError:
+            return path
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Statistics (REF 7.3): one pass over every split, after standardization, before any filter; cached next to the data
+# Statistics: one pass over every split, after standardization, before any filter; cached next to the data
 
 
 def compute_statistics(builder, name: str) -> dict:
@@ -307,11 +317,12 @@ def compute_statistics(builder, name: str) -> dict:
     actions = [ep["action"] for _, ep in episodes]
     if not actions or not sum(len(a) for a in actions):
         raise DataError(f"{name}: {builder.data_dir} holds no steps after standardization; nothing to train on")
-    a = np.concatenate(actions)  # float32 (N, 7): mean/std/max/min come out float32, the quantiles float64
+    a = np.concatenate(actions)  # float32 (N, 7)
 
-    def describe(x):
-        return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(), "min": x.min(0).tolist(),
-                "q01": np.quantile(x, 0.01, axis=0).tolist(), "q99": np.quantile(x, 0.99, axis=0).tolist()}
+    def describe(x):  # mean/std/max/min in float32; quantiles in float64, as numpy 1.26 promoted them for the original
+        q01, q99 = np.quantile(x.astype(np.float64), [0.01, 0.99], axis=0)
+        return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(),
+                "min": x.min(0).tolist(), "q01": q01.tolist(), "q99": q99.tolist()}
 
     # OpenVLA loads no proprio, so its proprio statistics are those of zeros_like(action) (all zeros in norm_stats)
     return {"action": describe(a), "proprio": describe(np.zeros_like(a)),
@@ -373,8 +384,7 @@ def decode_and_resize(image_bytes, size: int):
         image_f = tf.image.resize(image, (size, size), method="lanczos3", antialias=True)  # also when enlarging
         return tf.cast(tf.clip_by_value(tf.round(image_f), 0, 255), tf.uint8)
 
-    # Already size x size (the demo): Lanczos at scale 1 samples its kernel at integer offsets, weights 1 and ~1e-7,
-    # so round() gives the input back exactly; skipping it saves ~2 ms a frame
+    # Already size x size (the demo): Lanczos at scale 1 has weights 1 and ~1e-7, so round() gives the input back
     return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image, resize)
 
 
@@ -477,10 +487,11 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self.tokenizer, self.action_tokenizer = tokenizer, ActionTokenizer(tokenizer.vocab_size)
         self._prompts = CachedTokenizer(tokenizer)
         self.image_size, self.image_norm, self.train = image_size, image_norm, train
-        self.image_aug, self.shuffle_buffer_size, self.seed, self.rank, self.world = image_aug, shuffle_buffer_size, seed, rank, world
+        self.image_aug, self.shuffle_buffer_size = image_aug, shuffle_buffer_size
+        self.seed, self.rank, self.world = seed, rank, world
         self.splits = [split or split_names(b)[0 if train else 1] for b in self.builders]
-        # Mixture weights (REF 9.5): weight x num_transitions, normalized; the length of an "epoch" is set by the
-        # datasets whose raw weight is exactly 1.0 (none: the largest), as the original's dataset_len
+        # Mixture weights: weight x num_transitions, normalized; the length of an "epoch" is set by the datasets
+        # whose raw weight is exactly 1.0 (none: the largest), as the original's dataset_len (rlds/dataset.py)
         sizes = np.array([self.norm_stats[n]["num_transitions"] for n in self.names], np.float64)
         weights = np.array([w for _, w in self.mixture]) * sizes
         self.weights = weights / weights.sum()
@@ -488,25 +499,27 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self.dataset_length = int(max(sizes[i] / self.weights[i] for i in primary))
         self.position, self._start = 0, 0
         image_fn = lambda b, s: augment_image(decode_and_resize(b, image_size), s)  # noqa: E731
-        self._augment = tf.function(image_fn, input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int32)])
-        self._decode = tf.function(lambda b: decode_and_resize(b, image_size), input_signature=[tf.TensorSpec([], tf.string)])
+        image_bytes = tf.TensorSpec([], tf.string)
+        self._augment = tf.function(image_fn, input_signature=[image_bytes, tf.TensorSpec([2], tf.int32)])
+        self._decode = tf.function(lambda b: decode_and_resize(b, image_size), input_signature=[image_bytes])
 
     def _episodes(self, i: int):
         """(where, episode) of dataset i: this rank's slice of its split (tfds even_splits: disjoint, covering);
         forever, in a seeded file order, when training."""
         split = tfds.even_splits(self.splits[i], n=self.world)[self.rank] if self.world > 1 else self.splits[i]
         n_split = self.builders[i].info.splits[split].num_examples
-        shuffle_seed = int(np.random.SeedSequence([self.seed, self.rank, i]).generate_state(1)[0]) if self.train else None
-        unlabeled_run = 0
+        seed = int(np.random.SeedSequence([self.seed, self.rank, i]).generate_state(1)[0])
+        shuffle_seed = seed if self.train else None
+        labeled = skipped = 0
         for where, ep in read_episodes(self.builders[i], self.names[i], split, shuffle_seed, repeat=self.train):
-            if any(len(s) for s in ep["instruction"]):
-                unlabeled_run = 0
+            if any(len(s) for s in ep["instruction"]):  # skip_unlabeled: episodes without any instruction
+                labeled += 1
                 yield where, ep
-                continue
-            unlabeled_run += 1  # skip_unlabeled: trajectories without any instruction are not trained on
-            if unlabeled_run >= n_split:  # a whole pass without a labeled episode: a repeat would loop forever
-                break
-        if unlabeled_run or n_split == 0:
+            else:
+                skipped += 1
+                if not labeled and skipped >= n_split:
+                    break  # a whole pass without a labeled episode: repeating would loop forever
+        if not labeled:
             raise DataError(f"{self.names[i]}: split {split!r} of {self.builders[i].data_dir} has no labeled "
                             f"episodes for rank {self.rank} of {self.world}")
 
@@ -581,13 +594,14 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         return {"image": image, "action": action, "instruction": instruction.decode(), "dataset_name": self.names[i]}
 
     def example(self, frame: dict) -> dict:
-        """A decoded frame -> model inputs (tokenizer.py builds the ids and labels, REF 5.2)."""
-        input_ids, labels = training_example(self._prompts, self.action_tokenizer, frame["instruction"], frame["action"])
-        return {"pixel_values": to_pixel_values(frame["image"], self.image_norm), "input_ids": torch.tensor(input_ids),
+        """A decoded frame -> model inputs (tokenizer.py builds the ids and labels)."""
+        ids, labels = training_example(self._prompts, self.action_tokenizer, frame["instruction"], frame["action"])
+        return {"pixel_values": to_pixel_values(frame["image"], self.image_norm), "input_ids": torch.tensor(ids),
                 "labels": torch.tensor(labels), "dataset_name": frame["dataset_name"]}
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "rank": self.rank, "world": self.world, "mixture": self.mixture}
+        return {"position": self.position, "seed": self.seed, "rank": self.rank, "world": self.world,
+                "mixture": self.mixture}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
@@ -599,12 +613,11 @@ class RLDSDataset(torch.utils.data.IterableDataset):
 
 
 def collate(examples: list[dict], pad_token_id: int = PAD_TOKEN_ID, max_length: int = MAX_TEXT_TOKENS) -> dict:
-    """Right-pad input_ids with <PAD> and labels with -100, truncate to 2048, mask = ids != <PAD> (REF 5.2)."""
+    """Right-pad input_ids with <PAD> and labels with -100, truncate to 2048, mask = ids != <PAD>."""
     pad = torch.nn.utils.rnn.pad_sequence
     input_ids = pad([e["input_ids"] for e in examples], batch_first=True, padding_value=pad_token_id)[:, :max_length]
     labels = pad([e["labels"] for e in examples], batch_first=True, padding_value=IGNORE_INDEX)[:, :max_length]
-    # numpy's single-threaded copy, not torch.stack: torch's OpenMP threads spinning against TF's on a busy 2-core
-    # machine made the stack of 16 x (6, 224, 224) take ~170 ms instead of ~5 ms
+    # numpy's single-threaded copy, not torch.stack: torch's OpenMP threads would spin against TF's decode threads
     pixel_values = torch.from_numpy(np.stack([e["pixel_values"].numpy() for e in examples]))
     return {"pixel_values": pixel_values, "input_ids": input_ids,
             "attention_mask": input_ids.ne(pad_token_id), "labels": labels,
@@ -662,7 +675,7 @@ def main(config: DataConfig):
         raise SystemExit("pass --data-root DIR (see python data.py --help; python demo.py writes the demo data)")
     from tokenizer import build_text_tokenizer
 
-    ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), train=True, shuffle_buffer_size=1000, seed=config.seed)
+    ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), shuffle_buffer_size=1000, seed=config.seed)
     print(json.dumps({n: {k: s[k] for k in ("num_transitions", "num_trajectories")} for n, s in ds.norm_stats.items()}))
     for frame, _ in zip(ds.frames(), range(3)):
         print(frame["dataset_name"], repr(frame["instruction"]), np.round(frame["action"], 3).tolist(),

@@ -43,7 +43,8 @@ class DemoEnv:
 
     def __init__(self, image_size: int = 224, seed: int = 0):
         self.image_size, self.rng = image_size, np.random.default_rng(seed)
-        self.px = (np.arange(image_size) + 0.5 - image_size / 2) / (image_size / 224 * DEMO_CELL_PX)  # cells from centre
+        # each pixel's distance from the image centre, in cells
+        self.px = (np.arange(image_size) + 0.5 - image_size / 2) / (image_size / 224 * DEMO_CELL_PX)
 
     def reset(self):
         """A new scene: (image uint8 (S, S, 3), instruction)."""
@@ -120,8 +121,8 @@ def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size
     features = {"steps": F.Dataset({
         "observation": F.FeaturesDict({"image": image, "state": F.Tensor(shape=(8,), dtype=np.float32)}),
         "action": F.Tensor(shape=(ACTION_DIM,), dtype=np.float32), "language_instruction": F.Text(),
-        "reward": F.Scalar(dtype=np.float32), "discount": F.Scalar(dtype=np.float32), "is_first": F.Scalar(dtype=np.bool_),
-        "is_last": F.Scalar(dtype=np.bool_), "is_terminal": F.Scalar(dtype=np.bool_)})}
+        "reward": F.Scalar(dtype=np.float32), "discount": F.Scalar(dtype=np.float32),
+        **{k: F.Scalar(dtype=np.bool_) for k in ("is_first", "is_last", "is_terminal")}})}
     return write_rlds(data_dir, "nanovla_demo", features, {"train": eps[n_val:], "val": eps[:n_val]})
 
 

@@ -636,18 +636,31 @@ def _episodes(builder, name, split):
     return [ep for _, ep in data.read_episodes(builder, name, split)]
 
 
+def _linked(root, version_dir, name):
+    """root/name/<version> linking the fixture's files: the statistics cache is written next to them, not shared."""
+    (root / name / version_dir.name).mkdir(parents=True)
+    for f in version_dir.iterdir():
+        (root / name / version_dir.name / f.name).symlink_to(f)
+    return root
+
+
+def _assert_golden_statistics(stats, ref):
+    """Counts, mask, min/max and the float64 quantiles exactly; mean/std (float32 sums) within the fixture's rtol."""
+    assert [stats[k] for k in ("num_transitions", "num_trajectories")] == [ref[k] for k in ("num_transitions", "num_trajectories")]
+    assert stats["action"]["mask"] == ref["action"]["mask"]
+    for key in ("action", "proprio"):
+        assert [stats[key][q] for q in ("q01", "q99", "max", "min")] == [ref[key][q] for q in ("q01", "q99", "max", "min")]
+        for k in ("mean", "std"):
+            np.testing.assert_allclose(stats[key][k], ref[key][k], rtol=1e-5, atol=1e-6)
+
+
 def test_data_golden_bridge_statistics_frames_tokens(tmp_path, fixture_tokenizer):
     """The real BridgeData sample read as bridge_orig reproduces the original pipeline's golden outputs."""
     gold = json.loads((GOLDEN / "expected.json").read_text())
-    (tmp_path / "bridge_orig" / "1.0.0").mkdir(parents=True)  # the original expects <root>/bridge_orig/<version>
-    for f in BRIDGE_SAMPLE.iterdir():
-        (tmp_path / "bridge_orig" / "1.0.0" / f.name).symlink_to(f)
-    ds = data.RLDSDataset(tmp_path, "bridge", fixture_tokenizer, train=False, split="train", shuffle_buffer_size=0)
+    ds = data.RLDSDataset(_linked(tmp_path, BRIDGE_SAMPLE, "bridge_orig"), "bridge", fixture_tokenizer, train=False, split="train", shuffle_buffer_size=0)
     stats, ref = ds.norm_stats["bridge_orig"], json.loads((GOLDEN / "dataset_statistics.json").read_text())["bridge_orig"]
-    for key in ("action", "proprio"):
-        for k, v in ref[key].items():
-            np.testing.assert_allclose(np.array(stats[key][k], float), np.array(v, float), rtol=1e-5, atol=1e-6)
-    assert (stats["num_transitions"], stats["num_trajectories"], stats["action"]["mask"]) == (400, 50, ref["action"]["mask"])
+    _assert_golden_statistics(stats, ref)
+    assert (stats["num_transitions"], stats["num_trajectories"]) == (400, 50)
     assert len(list((tmp_path / "bridge_orig" / "1.0.0").glob("dataset_statistics_*.json"))) == 1  # the cache file
 
     raw = np.concatenate([ep["action"] for ep in _episodes(ds.builders[0], "bridge_orig", "train")])
@@ -666,6 +679,31 @@ def test_data_golden_bridge_statistics_frames_tokens(tmp_path, fixture_tokenizer
     x = torch.from_numpy(np.load(GOLDEN / "frame0_image_224_uint8.npy")).permute(2, 0, 1).float() / 255
     torch.testing.assert_close(batch["pixel_values"][0, :3], (x - torch.tensor(dino_mean)[:, None, None]) / torch.tensor(dino_std)[:, None, None])
     torch.testing.assert_close(batch["pixel_values"][0, 3:], (x - 0.5) / 0.5)
+
+
+OXE = SHARED / "data" / "oxe"
+OXE_GOLDEN = ["fractal20220817_data"]
+
+
+@pytest.mark.parametrize("name", OXE_GOLDEN)
+def test_data_oxe_golden_statistics_frames_tokens(name, fixture_tokenizer, tmp_path):
+    """Each OXE fixture dataset through the public API reproduces what the original pipeline made of it."""
+    gold, golden = json.loads((OXE / "golden" / name / "expected.json").read_text()), OXE / "golden" / name
+    counts, detail = gold["counts"], gold["frames"]["detail"]
+    ds = data.RLDSDataset(_linked(tmp_path, next((OXE / "rlds" / name).iterdir()), name), name, fixture_tokenizer, train=False, split=counts["train_split"],
+                          shuffle_buffer_size=0)  # the last episode of several splits is unlabeled
+    stats, ref = ds.norm_stats[name], json.loads((golden / "dataset_statistics.json").read_text())[name]
+    _assert_golden_statistics(stats, ref)
+    assert ds.dataset_length == counts["rlds_dataset_length"]
+    frames = list(ds.frames())
+    assert [f["instruction"] for f in frames] == [d["language_instruction"] for d in detail]
+    np.testing.assert_allclose(np.stack([f["action"] for f in frames]), np.load(golden / "actions_normalized.npy"), atol=1e-6)
+    assert [ds.action_tokenizer.encode(f["action"]).tolist() for f in frames] == [d["action_token_ids"] for d in detail]
+    for f, d in zip(frames, detail):  # DROID: either exterior camera, the same one for a whole trajectory
+        digest = hashlib.sha256(f["image"].tobytes()).hexdigest()
+        assert digest in d.get("image_sha256_candidates", {d["image_key"]: d["image_sha256"]}).values()
+    batch = data.collate([ds.example(f) for f in frames])
+    assert [ids[m].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])] == [d["input_ids"] for d in detail]
 
 
 def test_data_golden_augmentation_is_exact():
@@ -857,14 +895,15 @@ def test_data_errors_name_dataset_file_and_expectation(rlds_root, fixture_tokeni
                     {"train": [_bridge_episode(np.random.default_rng(0), 0, 2, "x")]})
     with pytest.raises(data.DataError, match=r"bridge_orig: .*empty/bridge_orig/1.0.0 holds no steps"):
         data.load_norm_stats(tmp_path / "empty", "bridge_orig")
-    # a corrupt record: flip bytes in the middle of the tfrecord
-    shutil.copytree(root / "libero_spatial_no_noops", tmp_path / "bad" / "libero_spatial_no_noops")
-    shard = next((tmp_path / "bad" / "libero_spatial_no_noops").rglob("*.tfrecord-*"))
+    # a corrupt record in the val file (bytes zeroed mid-file): the error names that file, not the train file
+    shutil.copytree(root / "bridge_orig", tmp_path / "bad" / "bridge_orig")
+    shard = next((tmp_path / "bad" / "bridge_orig").rglob("*-val.tfrecord-*"))
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
     shard.write_bytes(bytes(raw))
-    with pytest.raises(data.DataError, match=r"libero_spatial_no_noops: corrupt record .*libero_spatial_no_noops-train.tfrecord-00000-of-00001"):
-        data.load_norm_stats(tmp_path / "bad", "libero_spatial_no_noops")
+    with pytest.raises(data.DataError, match=r"bridge_orig: corrupt record in \S*bridge_orig-val.tfrecord-00000-of-00001 ") as e:
+        data.load_norm_stats(tmp_path / "bad", "bridge_orig")
+    assert "-train.tfrecord" not in str(e.value)
 
 
 def _pixel_expert(image, instruction):
