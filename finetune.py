@@ -37,8 +37,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import data
 import demo
 import train
-from model import VLA, read_config, read_weight_headers
-from tokenizer import action_dim, load_text_tokenizer
+from checkpoint import load_text_tokenizer, read_config, read_weight_headers
+from model import VLA
+from tokenizer import action_dim
 
 
 @dataclass

@@ -12,12 +12,7 @@ Module and parameter names mirror the released checkpoint (`vision_backbone.feat
 state-dict load with no rename table. Shapes in comments are for openvla-7b: P = 256 patches, D = 4096.
 """
 
-import json
-import math
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer import (
-    IGNORE_INDEX, ActionTokenizer, action_dim, build_prompt, build_text_tokenizer, empty_piece_id,
-    load_text_tokenizer, resolve_unnorm_key, save_text_tokenizer, token_ids_to_actions,
+    IGNORE_INDEX, ActionTokenizer, action_dim, build_prompt, build_text_tokenizer, empty_piece_id, resolve_unnorm_key,
+    token_ids_to_actions,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -623,89 +618,26 @@ class VLA(nn.Module):
         """Load a released-layout OpenVLA directory: config.json + safetensors (+ tokenizer). Runs no code from the
         directory and unpickles nothing. Built on the meta device, then each tensor is read straight into its
         parameter, so a bf16 checkpoint never exists as an fp32 copy."""
+        import checkpoint  # imported here: checkpoint.py reads this file's configs
+
         path = Path(path)
-        headers = read_weight_headers(path)
-        config = read_config(path, headers, timm_overrides)
-        tokenizer = load_text_tokenizer(path)  # fail on a missing tokenizer before allocating anything
+        headers = checkpoint.read_weight_headers(path)
+        config = checkpoint.read_config(path, headers, timm_overrides)
+        tokenizer = checkpoint.load_text_tokenizer(path)  # fail on a missing tokenizer before allocating anything
         with torch.device("meta"):
             vla = cls(config)  # 1) shapes only
+        checkpoint.check_state(headers, {k: v.shape for k, v in vla.state_dict().items()}, path)
         vla = vla.to(dtype).to_empty(device=device)  # 2) allocate storage in the target dtype, uninitialized
-        load_weights(vla, headers)  # 3) real numbers, straight from the files
+        checkpoint.load_weights(vla, headers)  # 3) real numbers, straight from the files
         vla.tokenizer, vla.tokenizer_dir = tokenizer, path
         return vla.eval()
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write the released layout (config.json, safetensors shards + index, tokenizer, processor configs,
-        dataset_statistics.json) into a temporary directory, then swap it in: a crash leaves the old one intact."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        dtype = next(self.parameters()).dtype
-        write_weights(self, tmp, max_shard_bytes)
-        dump = lambda name, obj: (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        dump("config.json", hf_config(self.config, str(dtype).removeprefix("torch.")))
-        dump("generation_config.json", {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
-                                        "pad_token_id": self.config.pad_token_id, "transformers_version": "4.40.1"})
-        dump("preprocessor_config.json", hf_preprocessor_config(self.config))
-        dump("processor_config.json", {"auto_map": {"AutoProcessor": "processing_prismatic.PrismaticProcessor"},
-                                       "processor_class": "PrismaticProcessor"})
-        dump("dataset_statistics.json", self.config.norm_stats)
-        save_text_tokenizer(self.tokenizer, tmp, getattr(self, "tokenizer_dir", None))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        """Write the released layout: config.json, safetensors shards + index, tokenizer, processor configs and
+        dataset_statistics.json (checkpoint.py), swapped in only when complete."""
+        import checkpoint
 
-
-def build_from_components(config: VLAConfig, vision_states: list[dict], llama_dir, dtype=torch.bfloat16, device="cpu"):
-    """The untrained VLA of OpenVLA's recipe: pretrained ViTs (timm state dicts, in backbone order) + a Llama-2 HF
-    directory + a freshly initialized projector. Our names mirror timm's and transformers', so this is a prefix mapping
-    plus two details: timm's LayerScale `gamma` is our `scale_factor`, and the 32000-row Llama-2 embeddings are padded
-    to 32064 rows (<PAD> + multiple of 64; new rows ~ N(0, 0.02) as transformers' resize_token_embeddings did)."""
-    llama_dir = Path(llama_dir)
-    llama_cfg = json.loads((llama_dir / "config.json").read_text()) if (llama_dir / "config.json").exists() else {}
-    # Training used Llama-2's own config (rms_norm_eps 1e-5); the released HF model runs 1e-6 (REFERENCE.md 1.2).
-    llm = replace(config.llm, rms_norm_eps=llama_cfg.get("rms_norm_eps", config.llm.rms_norm_eps))
-    vla = VLA.build(replace(config, llm=llm), dtype=dtype, device=device)
-    state = vla.state_dict()
-    loaded = set()
-    prefixes = ["vision_backbone.featurizer.", "vision_backbone.fused_featurizer."]
-    with torch.no_grad():
-        for prefix, timm_state in zip(prefixes, vision_states):
-            for key, value in timm_state.items():
-                if key.startswith(("head.", "fc_norm.")):  # Identity / absent with num_classes=0
-                    continue
-                ours = prefix + (key[: -len("gamma")] + "scale_factor" if key.endswith(".gamma") else key)
-                if ours not in state or state[ours].shape != value.shape:
-                    raise CheckpointError(f"timm weight {key} -> {ours}: no such parameter of shape {list(value.shape)}")
-                state[ours].copy_(value)
-                loaded.add(ours)
-        headers = read_weight_headers(llama_dir)
-        for key in headers:
-            ours, value = "language_model." + key, read_tensor(headers, key)
-            if ours not in state:
-                raise CheckpointError(f"{headers[key][0]}: {key} is not a Llama-2 weight this model has")
-            state[ours][: value.shape[0]].copy_(value)  # embed_tokens / lm_head: the first 32000 of 32064 rows
-            loaded.add(ours)
-    missing = [k for k in state if k not in loaded and not k.startswith("projector.")]
-    if missing:
-        raise CheckpointError(f"pretrained components lack {len(missing)} weights, e.g. {missing[:5]}")
-    vla.tokenizer, vla.tokenizer_dir = load_text_tokenizer(llama_dir), llama_dir
-    return vla
-
-
-def timm_vision_states(config: VLAConfig) -> list[dict]:
-    """Pretrained DINOv2 / SigLIP weights through timm (from its local cache; nothing is downloaded here).
-
-    timm is imported only here: on CPU-only machines its torchvision dependency may not import next to the CPU torch.
-    """
-    import timm
-
-    timm_ids, _, size = BACKBONES[config.vision_backbone_id]
-    return [timm.create_model(tid, pretrained=True, num_classes=0, img_size=size).state_dict() for tid in timm_ids]
+        checkpoint.save_pretrained(self, path, max_shard_bytes)
 
 
 def init_weights(vla: VLA):
@@ -718,257 +650,3 @@ def init_weights(vla: VLA):
                 p.fill_(1.0 if name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2] else 0.0)
             else:
                 p.normal_(0.0, 0.02)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The released checkpoint layout: config.json, safetensors, processor configs
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match what the model expects; the message names the file and key."""
-
-
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
-
-def read_weight_headers(path: Path) -> dict:
-    """{tensor name: (file, dtype, shape, byte offset, byte length)} from the safetensors headers (a JSON each)."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: checkpoint directory does not exist")
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").exists():
-        weight_map, files = None, ["model.safetensors"]
-    else:
-        bins = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {bins}: pickled weights are never loaded; convert them to safetensors)" if bins else ""
-        raise FileNotFoundError(f"{path}: expected model.safetensors or model.safetensors.index.json{hint}")
-    headers = {}
-    for name in files:
-        file = path / name
-        if not file.exists():
-            raise FileNotFoundError(f"{file}: listed in model.safetensors.index.json but missing")
-        with open(file, "rb") as f:
-            try:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{file}: not a safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        for key, info in header.items():
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{file}: tensor {key} has dtype {info['dtype']}, expected one of {list(SAFETENSORS_DTYPES)}")
-            if weight_map is not None and weight_map.get(key) != name:
-                raise CheckpointError(f"{file}: holds {key}, but model.safetensors.index.json places it in {weight_map.get(key)}")
-            start, end = info["data_offsets"]
-            headers[key] = (file, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, end - start)
-    if weight_map is not None and (missing := sorted(set(weight_map) - set(headers))):
-        raise CheckpointError(f"{index}: lists {missing[:5]} but no shard holds them")
-    return headers
-
-
-def _vit_from_headers(headers, prefix, kind, size, heads, file_hint):
-    def shape(key):
-        if f"{prefix}.{key}" not in headers:
-            raise CheckpointError(f"{file_hint}: missing tensor {prefix}.{key}")
-        return headers[f"{prefix}.{key}"][2]
-
-    depth = len({k.split(".")[3] for k in headers if k.startswith(prefix + ".blocks.")})
-    return ViTConfig(shape("pos_embed")[-1], depth, heads, shape("blocks.0.mlp.fc1.weight")[0], kind, image_size=size)
-
-
-def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
-    """VLAConfig from config.json (+ ViT widths and depths read off the weight shapes, which config.json lacks)."""
-    file = path / "config.json"
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: missing; an OpenVLA checkpoint directory needs its config.json")
-    raw = json.loads(file.read_text())
-    backbone = raw.get("vision_backbone_id")
-    if backbone not in BACKBONES:
-        raise CheckpointError(f"{file}: vision_backbone_id {backbone!r} is not supported; expected one of {sorted(BACKBONES)}")
-    timm_ids, views, size = BACKBONES[backbone]
-    fused = len(views) == 2
-    arch = raw.get("arch_specifier", "")
-    if not arch.endswith("fused-gelu-mlp" if fused else "gelu-mlp") or (not fused and arch.endswith("fused-gelu-mlp")):
-        want = "...fused-gelu-mlp" if fused else "...gelu-mlp (not fused)"
-        raise CheckpointError(f"{file}: arch_specifier {arch!r} is not supported for {backbone}; expected {want}")
-    if not str(raw.get("llm_backbone_id", "")).startswith(("llama2-", "vicuna-v15-")):
-        raise CheckpointError(f"{file}: llm_backbone_id {raw.get('llm_backbone_id')!r} is not supported; expected a Llama-2 family id")
-    if raw.get("image_resize_strategy", "resize-naive") != "resize-naive":
-        raise CheckpointError(f"{file}: image_resize_strategy {raw['image_resize_strategy']!r} is not supported; expected 'resize-naive'")
-    text = dict(raw.get("text_config") or {})
-    for key, ok in (("rope_scaling", None), ("attention_bias", False), ("hidden_act", "silu"), ("tie_word_embeddings", False)):
-        if text.get(key, ok) != ok:
-            raise CheckpointError(f"{file}: text_config.{key} = {text[key]!r} is not supported; expected {ok!r}")
-    llm = LlamaConfig(**{f: text[f] for f in LlamaConfig.__dataclass_fields__ if f in text})
-    # ViT heads are not in config.json (the original takes them from timm's model ids): an explicit argument, then
-    # our own "timm_overrides" key, then the named config or release size whose width and depth match the weights.
-    overrides = timm_overrides or raw.get("timm_overrides") or {}
-    vision = []
-    for i, ((release, _), timm_id) in enumerate(zip(views, timm_ids)):
-        prefix = "vision_backbone." + ("featurizer" if i == 0 else "fused_featurizer")
-        v = _vit_from_headers(headers, prefix, release.kind, size, release.num_heads, path)
-        heads = (overrides.get(timm_id.split(".")[0]) or {}).get("num_heads")
-        known = [c.vision[i] for c in CONFIGS.values() if len(c.vision) > i and c.vision[i].kind == v.kind]
-        known = [c.num_heads for c in known if (c.embed_dim, c.depth) == (v.embed_dim, v.depth)]
-        if heads is None and not known:
-            raise CheckpointError(f"{file}: cannot tell the number of attention heads of {prefix} (width {v.embed_dim}, "
-                                  f"depth {v.depth}); pass timm_overrides={{'{timm_id.split('.')[0]}': {{'num_heads': N}}}}")
-        vision.append(replace(v, num_heads=heads or known[0]))
-    norm_stats = dict(raw.get("norm_stats") or {})
-    if (path / "dataset_statistics.json").exists():  # fine-tuned checkpoints keep their new statistics only here
-        norm_stats.update(json.loads((path / "dataset_statistics.json").read_text()))
-    image_norm = [norm for _, norm in views]
-    pre = path / "preprocessor_config.json"
-    if pre.exists():  # the serialized tvf_normalize_params are the constants that run (bf16-rounded for DINOv2)
-        image_norm = [(p["mean"], p["std"]) for p in json.loads(pre.read_text())["tvf_normalize_params"]]
-    return VLAConfig(backbone, vision, llm, raw.get("pad_to_multiple_of", 64), raw.get("n_action_bins", 256),
-                     raw.get("pad_token_id", 32000), norm_stats, image_norm,
-                     arch, raw.get("llm_backbone_id"), raw.get("hf_llm_id", "meta-llama/Llama-2-7b-hf"))
-
-
-def read_tensor(headers: dict, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """One tensor from a checkpoint, in its stored dtype, on CPU; with rows=(start, stop) only those rows of dim 0
-    (safetensors is row-major, so they are one contiguous byte range: train.py reads just its FSDP shard)."""
-    file, dtype, shape, offset, nbytes = headers[key]
-    if rows is not None and shape:
-        start, stop = rows
-        row_bytes = nbytes // shape[0] if shape[0] else 0
-        offset, nbytes, shape = offset + start * row_bytes, (stop - start) * row_bytes, (stop - start, *shape[1:])
-    out = torch.empty(shape, dtype=dtype)
-    with open(file, "rb", buffering=0) as f:
-        _read_into(f, offset, nbytes, out, key)
-    return out
-
-
-def _read_into(f, offset, nbytes, dst, key):
-    view = memoryview(dst.view(-1).view(torch.uint8).numpy())
-    f.seek(offset)
-    got = 0
-    while got < nbytes:
-        n = f.readinto(view[got:])
-        if not n:
-            raise CheckpointError(f"{f.name}: truncated while reading {key}")
-        got += n
-
-
-def load_weights(vla: nn.Module, headers: dict):
-    """Strict load: same key set and shapes, then each tensor read from disk straight into its parameter's storage
-    (no mmap, so resident memory stays ~ the model's size; a dtype change goes through one temporary tensor)."""
-    state = vla.state_dict()
-    missing, unexpected = sorted(set(state) - set(headers)), sorted(set(headers) - set(state))
-    if missing or unexpected:
-        where = sorted({str(headers[k][0]) for k in unexpected}) or "the checkpoint"
-        raise CheckpointError(f"state-dict mismatch: missing {len(missing)} keys {missing[:5]}, unexpected "
-                              f"{len(unexpected)} keys {unexpected[:5]} (in {where})")
-    for key, (file, _, shape, _, _) in headers.items():
-        if tuple(state[key].shape) != shape:
-            raise CheckpointError(f"{file}: {key} has shape {list(shape)}, the model expects {list(state[key].shape)}")
-    by_file = {}
-    for key, info in headers.items():
-        by_file.setdefault(info[0], []).append((info[3], key))
-    total = sum(info[4] for info in headers.values())
-    bar = _bytes_bar(total, "loading weights")
-    with torch.no_grad():
-        for file, entries in by_file.items():
-            with open(file, "rb", buffering=0) as f:
-                for offset, key in sorted(entries):
-                    _, dtype, shape, _, nbytes = headers[key]
-                    dst = state[key]
-                    direct = dst.dtype == dtype and dst.device.type == "cpu" and dst.is_contiguous()
-                    buf = dst if direct else torch.empty(shape, dtype=dtype)
-                    _read_into(f, offset, nbytes, buf, key)
-                    if not direct:
-                        dst.copy_(buf)
-                    bar.update(nbytes)
-    bar.close()
-
-
-def _bytes_bar(total: int, desc: str):
-    """A progress bar for checkpoint I/O: only for >= 1 GiB (the 7B's 15 GB take a minute) and only on a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=True if total < 2**30 else None)
-
-
-def write_weights(vla: nn.Module, out: Path, max_shard_bytes: int):
-    """model.safetensors, or model-0000k-of-0000N.safetensors + index when larger than one shard (as transformers)."""
-    from safetensors.torch import save_file
-
-    shards, size = [{}], 0
-    for key, t in vla.state_dict().items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    bar = _bytes_bar(sum(t.numel() * t.element_size() for shard in shards for t in shard.values()), "saving weights")
-    for name, shard in zip(names, shards):
-        # "format": "pt" is what transformers' loader checks in the metadata
-        save_file({k: t.detach().contiguous().cpu() for k, t in shard.items()}, str(out / name), metadata={"format": "pt"})
-        bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
-    bar.close()
-
-
-def hf_config(cfg: VLAConfig, dtype_name: str) -> dict:
-    """config.json as the original's OpenVLAConfig writes it (text_config holds only non-default Llama fields)."""
-    timm_ids, views, size = BACKBONES[cfg.vision_backbone_id]
-    text = {"model_type": "llama", "pad_token_id": cfg.pad_token_id, "torch_dtype": dtype_name,
-            "vocab_size": cfg.llm.vocab_size}
-    default = LlamaConfig()
-    for name in LlamaConfig.__dataclass_fields__:
-        value, base = getattr(cfg.llm, name), getattr(default, name)
-        if name == "num_key_value_heads":  # resolved: None means "same as attention heads" (32 by default)
-            value, base = value or cfg.llm.num_attention_heads, 32
-        if value != base:
-            text[name] = value
-    out = {
-        "arch_specifier": cfg.arch_specifier, "architectures": ["OpenVLAForActionPrediction"],
-        "auto_map": {"AutoConfig": "configuration_prismatic.OpenVLAConfig",
-                     "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction"},
-        "hf_llm_id": cfg.hf_llm_id, "image_resize_strategy": "resize-naive", "image_sizes": [size] * len(views),
-        "llm_backbone_id": cfg.llm_backbone_id, "llm_max_length": 2048, "model_type": "openvla",
-        "n_action_bins": cfg.n_action_bins, "norm_stats": cfg.norm_stats, "output_projector_states": False,
-        "pad_to_multiple_of": cfg.pad_to_multiple_of, "pad_token_id": cfg.pad_token_id, "text_config": text,
-        "timm_model_ids": timm_ids, "timm_override_act_layers": [None] * len(views), "torch_dtype": dtype_name,
-        "transformers_version": "4.40.1", "use_fused_vision_backbone": len(views) == 2,
-        "vision_backbone_id": cfg.vision_backbone_id,
-    }
-    # ViT sizes other than the release's are recorded under our own key (the original ignores unknown keys and takes
-    # sizes from timm's ids; a reader of this file and our loader need them).
-    overrides = {tid.split(".")[0]: {"embed_dim": v.embed_dim, "depth": v.depth, "num_heads": v.num_heads}
-                 for tid, v, (release, _) in zip(timm_ids, cfg.vision, views)
-                 if (v.embed_dim, v.depth, v.num_heads) != (release.embed_dim, release.depth, release.num_heads)}
-    if overrides:
-        out["timm_overrides"] = overrides
-    return out
-
-
-def hf_preprocessor_config(cfg: VLAConfig) -> dict:
-    """preprocessor_config.json as the original's PrismaticImageProcessor saves it."""
-    timm_ids, views, size = BACKBONES[cfg.vision_backbone_id]
-    n = len(views)
-    return {
-        "auto_map": {"AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
-                     "AutoProcessor": "processing_prismatic.PrismaticProcessor"},
-        "image_processor_type": "PrismaticImageProcessor", "image_resize_strategy": "resize-naive",
-        "input_sizes": [[3, size, size]] * n, "interpolations": ["bicubic"] * n,
-        "means": [[0.485, 0.456, 0.406] if v.kind == "dinov2" else [0.5] * 3 for v, _ in views],
-        "processor_class": "PrismaticProcessor",
-        "stds": [[0.229, 0.224, 0.225] if v.kind == "dinov2" else [0.5] * 3 for v, _ in views],
-        "tvf_crop_params": [{"output_size": [size, size]}] * n, "tvf_do_letterbox": False, "tvf_letterbox_fill": None,
-        "tvf_normalize_params": [{"inplace": False, "mean": list(m), "std": list(s)} for m, s in cfg.image_norm],
-        "tvf_resize_params": [{"antialias": True, "interpolation": 3, "max_size": None, "size": [size, size]}] * n,
-        "use_fused_vision_backbone": n == 2,
-    }

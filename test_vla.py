@@ -3,11 +3,27 @@
 Sections follow the pipeline: tokenizer, model (against ../shared/fixtures/openvla-tiny), data, train, finetune, serve.
 """
 
+import hashlib
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from checkpoint import (
+    CheckpointError, build_from_components, hf_config, load_text_tokenizer, read_config, read_weight_headers,
+)
+from model import CONFIGS, VLA
+from tokenizer import (
+    ActionTokenizer, build_text_tokenizer, empty_piece_id, normalize_actions, resolve_unnorm_key, token_ids_to_actions,
+    training_example, unnormalize_actions,
+)
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
@@ -20,12 +36,6 @@ def expected():
 
 
 # ---- tokenizer.py -------------------------------------------------------------------------------------------------
-
-from tokenizer import (  # noqa: E402
-    ActionTokenizer, build_text_tokenizer, empty_piece_id, load_text_tokenizer, normalize_actions, resolve_unnorm_key,
-    token_ids_to_actions, training_example, unnormalize_actions,
-)
-
 
 @pytest.fixture(scope="session")
 def fixture_tokenizer():
@@ -112,14 +122,6 @@ def test_built_tokenizer_has_llama2_id_layout():
 
 # ---- model.py -----------------------------------------------------------------------------------------------------
 
-import hashlib  # noqa: E402
-import shutil  # noqa: E402
-
-import torch  # noqa: E402
-
-from model import CONFIGS, VLA, CheckpointError, build_from_components  # noqa: E402
-
-
 def logit_tol(ref):  # the fixture README's tolerance: 1e-4 x max(1, max |reference|)
     return 1e-4 * max(1.0, float(np.abs(ref).max()))
 
@@ -145,7 +147,6 @@ def test_fixture_cases_ids_pixels_logits_tokens_actions(expected, fixture_vla):
         image = fixture_image(case)
         ids, model_ids = case_inputs(vla, case)
         assert ids == case["processor_input_ids"] and model_ids == case["model_input_ids"], case["name"]
-        from PIL import Image
         resized = np.asarray(Image.fromarray(image).resize((224, 224), Image.BICUBIC))
         assert hashlib.sha256(resized.tobytes()).hexdigest() == case["resized_224_uint8_sha256"]
         pixel_values = vla.preprocess([image])
@@ -235,7 +236,6 @@ def test_llama_matches_transformers_oracle():
     hf = HFLlama(HFLlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                                num_key_value_heads=2, rms_norm_eps=cfg.rms_norm_eps, attn_implementation="sdpa")).eval()
-    from dataclasses import replace
     vla = VLA(replace(CONFIGS["tiny"], llm=replace(cfg, num_key_value_heads=2))).eval()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -326,12 +326,8 @@ def released_7b_shapes() -> dict:
 
 def test_openvla_7b_layout_and_config_json_match_the_release(tmp_path):
     """The real 7B can't be downloaded here; its layout can be checked without a byte of weights: our meta-built model
-    against REFERENCE.md 1.4's names and shapes, and a released-style config.json + header-only shards through the
-    loader's config path, and our config.json writer against REFERENCE.md 1.2's fields."""
-    from dataclasses import replace
-
-    from model import hf_config, read_config, read_weight_headers
-
+    against REFERENCE.md 1.4's names and shapes, a released-style config.json + sparse shards (headers, no data)
+    through the loader's config path, and our config.json writer against REFERENCE.md 1.2's fields."""
     spec = released_7b_shapes()
     assert sum(int(np.prod(s)) for s in spec.values()) == 7_541_237_184  # REFERENCE.md's derived total
     with torch.device("meta"):
@@ -354,7 +350,7 @@ def test_openvla_7b_layout_and_config_json_match_the_release(tmp_path):
     config = replace(CONFIGS["openvla-7b"], norm_stats=stats)
     assert hf_config(config, "bfloat16") == released  # what save_pretrained writes for the 7B
 
-    # three header-only bf16 shards (offsets as if the data followed) + index, as the converter's 7 GB sharding
+    # three sparse bf16 shards (headers only, holes for the data) + index, as the converter's 7 GB sharding
     names = list(spec)
     shards = {f"model-0000{i + 1}-of-00003.safetensors": names[i::3] for i in range(3)}
     for file, keys in shards.items():
@@ -364,7 +360,9 @@ def test_openvla_7b_layout_and_config_json_match_the_release(tmp_path):
             header[k] = {"dtype": "BF16", "shape": list(spec[k]), "data_offsets": [offset, offset + n]}
             offset += n
         blob = json.dumps(header).encode()
-        (tmp_path / file).write_bytes(len(blob).to_bytes(8, "little") + blob)
+        with open(tmp_path / file, "wb") as f:  # a sparse file: the data region is a hole, never written
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            f.truncate(8 + len(blob) + offset)
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
     (tmp_path / "config.json").write_text(json.dumps(released, sort_keys=True))
@@ -399,7 +397,6 @@ def test_save_load_round_trip_layout_and_resharding(expected, fixture_vla, tmp_p
     bf16 = VLA.from_pretrained(FIXTURE, dtype=torch.bfloat16)
     out = tmp_path / "saved"
     bf16.save_pretrained(out, max_shard_bytes=4 * 2**20)  # re-sharded differently from the fixture's 4 shards
-    from safetensors import safe_open
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shapes = {}
     for name in set(index["weight_map"].values()):
@@ -447,7 +444,6 @@ def _broken_copy(tmp_path, name):
 
 
 def _rewrite_shard(path, fn):
-    from safetensors.torch import load_file, save_file
     index = json.loads((path / "model.safetensors.index.json").read_text())
     shard = path / index["weight_map"]["projector.fc1.weight"]
     tensors = load_file(shard)
@@ -507,9 +503,60 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
             VLA.from_pretrained(p)
 
 
+def _edit_header(file, fn, length=None):
+    """Rewrite a safetensors file's JSON header with fn(header), keeping its data bytes; length: a forged size."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    fn(header)
+    blob = json.dumps(header).encode()
+    file.write_bytes((length or len(blob)).to_bytes(8, "little") + blob + raw[8 + n:])
+
+
+def test_corrupt_weight_headers_fail_naming_the_file(tmp_path):
+    """Each header is validated before any read: a dtype whose size disagrees with the byte range, reversed or
+    overlapping offsets, a forged 2^62-byte header length. Each once loaded silently (uninitialized memory)."""
+    def f64(h):  # F64 with BF16-sized offsets: 8 bytes per element claimed, 2 stored
+        h["projector.fc1.bias"]["dtype"] = "F64"
+
+    def reversed_offsets(h):
+        h["projector.fc1.bias"]["data_offsets"].reverse()
+
+    def overlapping(h):
+        h["projector.fc1.bias"]["data_offsets"] = h["projector.fc1.weight"]["data_offsets"]
+
+    for fn, length in [(f64, None), (reversed_offsets, None), (overlapping, None), (lambda h: None, 2**62)]:
+        p = _broken_copy(tmp_path, f"{fn.__name__}{length}")
+        shard = p / json.loads((p / "model.safetensors.index.json").read_text())["weight_map"]["projector.fc1.bias"]
+        _edit_header(shard, fn, length)
+        with pytest.raises(CheckpointError, match=f"{shard}: not a valid safetensors file"):
+            VLA.from_pretrained(p)
+
+
+def test_malformed_config_files_fail_naming_the_file(tmp_path):
+    """Wrong types and broken JSON give a CheckpointError naming the file and what was expected, not a traceback
+    from deep inside the loader."""
+    edit = lambda **kw: lambda text: json.dumps({**json.loads(text), **kw})  # noqa: E731
+    cases = [("config.json", edit(n_action_bins="256"), r"config.json: n_action_bins is '256', expected int"),
+             ("config.json", edit(norm_stats=[]), r"config.json: norm_stats is \[\], expected dict"),
+             ("config.json", edit(text_config=[1]), r"config.json: text_config is \[1\], expected dict"),
+             ("config.json", edit(timm_overrides=5), "config.json: timm_overrides is 5, expected dict"),
+             ("config.json", edit(pad_to_multiple_of="x"), "config.json: pad_to_multiple_of is 'x', expected int"),
+             ("config.json", edit(text_config={"hidden_size": "64"}), "text_config.hidden_size is '64', expected int"),
+             ("config.json", lambda text: json.dumps([json.loads(text)]), "config.json: the top-level value is .*dict"),
+             ("config.json", lambda text: text[: len(text) // 2], "config.json: not valid JSON"),
+             ("dataset_statistics.json", lambda text: "[]", r"dataset_statistics.json: the top-level value is \[\]"),
+             ("preprocessor_config.json", edit(tvf_normalize_params=None), "tvf_normalize_params is None, expected list"),
+             ("tokenizer.json", lambda text: text[:100], "tokenizer.json: not a readable tokenizer")]
+    for i, (name, fn, match) in enumerate(cases):
+        p = _broken_copy(tmp_path, f"case{i}")
+        (p / name).write_text(fn((p / name).read_text()))
+        with pytest.raises(CheckpointError, match=match):
+            VLA.from_pretrained(p)
+
+
 def test_build_from_timm_named_components(tmp_path, fixture_vla):
     """timm's names (LayerScale `gamma`, classifier head absent) and a Llama-2 HF directory map onto ours."""
-    from safetensors.torch import save_file
     src = fixture_vla.state_dict()
     timm_states = []
     for prefix in ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer."):
@@ -1128,7 +1175,7 @@ def test_train_sharding_accumulation_and_activation_checkpointing(train_demo, tm
     plain, ckpt = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")
     assert all(torch.equal(plain[k], ckpt[k]) for k in plain)
     # rank-local reads of an init checkpoint (rows [start, stop) of each tensor per rank) reassemble it exactly
-    from model import read_tensor, read_weight_headers
+    from checkpoint import read_tensor, read_weight_headers
     headers, init = read_weight_headers(FIXTURE), _weights(tmp_path / "init")
     assert set(init) == set(headers) and all(torch.equal(init[k], read_tensor(headers, k).float()) for k in init)
     assert all(abs(share - 0.5) < 0.01 for share in r["init"]["shares"])
@@ -1180,7 +1227,7 @@ import json, shutil, sys
 from pathlib import Path
 import torch
 import finetune
-from model import read_tensor, read_weight_headers
+from checkpoint import read_tensor, read_weight_headers
 root, out, fixture = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 def run(name, **kw):
     kw = {"batch_size": 4, "learning_rate": 2e-3, "max_steps": 4, "save_every": 2, "log_every": 1,

@@ -10,9 +10,6 @@ The numbers follow the original OpenVLA (prismatic/vla/action_tokenizer.py, REFE
     token id  -->  d = 32000 - id  -->  bin center k = clip(d - 1, 0, 254)  -->  value in [-0.996, 0.996]
 """
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 N_ACTION_BINS = 256  # OpenVLA: n_action_bins in config.json
@@ -118,27 +115,6 @@ def action_dim(norm_stats: dict, unnorm_key: str) -> int:
 # Text tokenizer
 
 
-def load_text_tokenizer(path):
-    """The Llama-2 fast tokenizer (plus <PAD> = 32000) from a checkpoint directory, without running its code.
-
-    trust_remote_code=False: the released directory's auto_map points at Python files we never execute.
-    """
-    path = Path(path)
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
-        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model; a checkpoint directory needs its tokenizer")
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # silences "model of type openvla" from reading config.json
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    if tok.pad_token_id is None:
-        raise ValueError(f"{path}: tokenizer has no pad token; OpenVLA expects {PAD_TOKEN} as id 32000")
-    return tok
-
-
 def build_text_tokenizer():
     """A Llama-2-shaped character-level tokenizer built locally (no download), for small configs and the demo.
 
@@ -189,41 +165,3 @@ def training_example(tokenizer, action_tokenizer: ActionTokenizer, instruction: 
     input_ids = prompt_ids + action_ids + [tokenizer.eos_token_id]
     labels = [IGNORE_INDEX] * len(prompt_ids) + action_ids + [tokenizer.eos_token_id]
     return input_ids, labels
-
-
-def load_norm_stats(path) -> dict:
-    """A dataset_statistics.json (the format checkpoints carry as config.json["norm_stats"])."""
-    with open(path) as f:
-        return json.load(f)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-
-
-def save_text_tokenizer(tokenizer, out_dir, source_dir=None):
-    """Write the tokenizer files of a checkpoint directory in the release's format.
-
-    A tokenizer loaded from a checkpoint is copied file by file (byte-identical round trip). A locally built one is
-    written as tokenizer.json plus a tokenizer_config.json naming LlamaTokenizer, which transformers 4.40.1 (the
-    original's pin) reads as LlamaTokenizerFast; transformers 5's own save would name a class 4.40.1 lacks.
-    """
-    import shutil
-
-    out_dir = Path(out_dir)
-    if source_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(source_dir) / name).exists():
-                shutil.copyfile(Path(source_dir) / name, out_dir / name)
-        return
-    tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
-    special = lambda s: {"content": s, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-    config = {
-        "add_bos_token": True, "add_eos_token": False,
-        "added_tokens_decoder": {str(tokenizer.convert_tokens_to_ids(s)): special(s) for s in ("<unk>", "<s>", "</s>", PAD_TOKEN)},
-        "bos_token": "<s>", "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": False,
-        "model_max_length": MAX_TEXT_TOKENS, "pad_token": PAD_TOKEN, "padding_side": "right",
-        "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    special_map = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": PAD_TOKEN, "unk_token": "<unk>"}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")

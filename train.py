@@ -41,8 +41,9 @@ from torch.distributed.tensor import DTensor
 
 import data
 import demo
-from model import CONFIGS, VLA, init_weights, read_config, read_tensor, read_weight_headers
-from tokenizer import IGNORE_INDEX, build_text_tokenizer, load_text_tokenizer
+from checkpoint import load_text_tokenizer, read_config, read_tensor, read_weight_headers
+from model import CONFIGS, VLA, init_weights
+from tokenizer import IGNORE_INDEX, build_text_tokenizer
 
 
 @dataclass
