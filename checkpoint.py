@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+import oft
 from model import BACKBONES, CONFIGS, VLA, LlamaConfig, ViTConfig, VLAConfig
 from tokenizer import MAX_TEXT_TOKENS, PAD_TOKEN
 
@@ -138,6 +139,8 @@ def write_weights(vla: torch.nn.Module, out: Path, max_shard_bytes: int):
 
     shards, size = [{}], 0
     for key, t in vla.state_dict().items():
+        if key.startswith(oft.HEADS):  # OFT's heads go to their own .pt files (oft.save_heads)
+            continue
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
@@ -363,6 +366,7 @@ def save_pretrained(vla: VLA, path: Path, max_shard_bytes: int):
                                    "processor_class": "PrismaticProcessor"})
     dump("dataset_statistics.json", vla.config.norm_stats)
     save_text_tokenizer(vla.tokenizer, tmp, getattr(vla, "tokenizer_dir", None))
+    oft.save_heads(vla, tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(old)

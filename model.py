@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import oft
 from tokenizer import (
     IGNORE_INDEX, ActionTokenizer, action_dim, build_prompt, build_text_tokenizer, empty_piece_id, resolve_unnorm_key,
     token_ids_to_actions,
@@ -404,6 +405,7 @@ class VLA(nn.Module):
         self.vision_backbone = VisionBackbone(config)
         self.projector = Projector(vision_dim, config.llm.hidden_size, fused=len(config.vision) == 2)
         self.language_model = LlamaForCausalLM(config.llm)
+        self.action_head = self.proprio_projector = None  # OFT's (oft.py): from_pretrained attaches them when present
         self.tokenizer = None  # set by build / from_pretrained
         self._prompt_ids = {}  # instruction -> ids for self.tokenizer (see prompt_ids)
         # Action ids count down from the base vocabulary: 32064 rows - 64 padding = 32000 (REFERENCE.md 1.6)
@@ -578,10 +580,12 @@ class VLA(nn.Module):
                 x, position_ids = torch.cat([x, new_x], 1), torch.cat([position_ids, new_pos], 1)
         return torch.stack(out, dim=1).cpu()
 
-    def predict_actions(self, images, instructions, unnorm_key=None) -> np.ndarray:
+    def predict_actions(self, images, instructions, unnorm_key=None, proprio=None, center_crop=True) -> np.ndarray:
         """B images and instructions -> (B, action_dim) un-normalized actions, float64, in one batched forward.
 
-        unnorm_key: one key for all rows, or a list with one key per row.
+        unnorm_key: one key for all rows, or a list with one key per row. An OFT model (action_head set) returns
+        (B, chunk, action_dim) from one bidirectional pass instead: each image may be a list of cameras (third-person,
+        then wrist), proprio holds B raw robot states, center_crop as OFT's eval flag (oft.predict_chunks).
         """
         if len(images) != len(instructions) or not images:
             raise ValueError(f"got {len(images)} images and {len(instructions)} instructions; need the same number, >= 1")
@@ -590,14 +594,17 @@ class VLA(nn.Module):
         dims = {action_dim(self.norm_stats, k) for k in keys}
         if len(dims) != 1:
             raise ValueError(f"unnorm_keys {sorted(set(keys))} have different action dims {sorted(dims)}")
+        if self.action_head is not None:
+            return oft.predict_chunks(self, images, instructions, keys, proprio, center_crop)
         ids = self.generate(self.preprocess(images), [self.prompt_ids(s) for s in instructions], dims.pop())
         rows = [token_ids_to_actions(self.action_tokenizer, row, self.norm_stats[k]["action"])
                 for row, k in zip(ids.tolist(), keys)]
         return np.array(rows, dtype=np.float64).reshape(len(keys), -1)
 
-    def predict_action(self, image, instruction: str, unnorm_key: str | None = None) -> np.ndarray:
-        """One image + instruction -> (action_dim,) action, as the original's predict_action(do_sample=False)."""
-        return self.predict_actions([image], [instruction], unnorm_key)[0]
+    def predict_action(self, image, instruction: str, unnorm_key: str | None = None, proprio=None) -> np.ndarray:
+        """One image + instruction -> (action_dim,) action, as the original's predict_action(do_sample=False);
+        an OFT model: image(s) [+ proprio] -> the (chunk, action_dim) chunk, as OFT's get_vla_action."""
+        return self.predict_actions([image], [instruction], unnorm_key, None if proprio is None else [proprio])[0]
 
     # -- building, loading, saving -------------------------------------------------------------------------------
 
@@ -629,6 +636,7 @@ class VLA(nn.Module):
         checkpoint.check_state(headers, {k: v.shape for k, v in vla.state_dict().items()}, path)
         vla = vla.to(dtype).to_empty(device=device)  # 2) allocate storage in the target dtype, uninitialized
         checkpoint.load_weights(vla, headers)  # 3) real numbers, straight from the files
+        oft.load_heads(vla, path, dtype, device)  # 4) OFT's action head and proprio projector, if present
         vla.tokenizer, vla.tokenizer_dir = tokenizer, path
         return vla.eval()
 
