@@ -1302,13 +1302,9 @@ def test_finetune_trains_adapters_only_resumes_and_merges(train_demo, tmp_path):
 
 # ---- oft.py (against ../shared/fixtures/openvla-oft-tiny) -------------------------------------------------------
 OFT_FIXTURE = SHARED / "fixtures" / "openvla-oft-tiny"
+OFT_EXPECTED = json.loads((OFT_FIXTURE / "expected.json").read_text())
 _png = lambda name: np.asarray(Image.open(OFT_FIXTURE / name))  # noqa: E731
 _sha = lambda array: hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()  # noqa: E731
-
-
-@pytest.fixture(scope="session")
-def oft_expected():
-    return json.loads((OFT_FIXTURE / "expected.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -1316,8 +1312,8 @@ def oft_vla():
     return VLA.from_pretrained(OFT_FIXTURE, dtype=torch.float32)
 
 
-def test_oft_fixture_images_ids_positions_intermediates_chunks(oft_expected, oft_vla):
-    vla, cases = oft_vla, oft_expected["cases"]
+def test_oft_fixture_images_ids_positions_intermediates_chunks(oft_vla):
+    vla, cases = oft_vla, OFT_EXPECTED["cases"]
     raw = [[_png(c["images"][r]["raw"]["file"]) for r in ("full", "wrist")] for c in cases]
     for case, images in zip(cases, raw):
         for role, image in zip(("full", "wrist"), images):  # deploy-side preparation, bit-exact with TF's ops
@@ -1327,60 +1323,53 @@ def test_oft_fixture_images_ids_positions_intermediates_chunks(oft_expected, oft
             assert _sha(oft.prepare_image(image)) == steps["center_cropped_224"]["sha256"], (case["name"], role)
         ids = vla.prompt_ids(case["instruction"]) + [oft.PLACEHOLDER_ID] * 56 + [oft.STOP_ID]
         assert ids == case["model_input_ids"]
-        cropped = [_png(case["images"][r]["center_cropped_224"]["file"]) for r in ("full", "wrist")]
-        pixel_values = vla.preprocess(cropped).reshape(1, 12, 224, 224)
+        pixel_values = vla.preprocess([_png(case["images"][r]["center_cropped_224"]["file"]) for r in case["images"]])
+        pixel_values = pixel_values.reshape(1, 12, 224, 224)  # [full DINOv2, full SigLIP, wrist DINOv2, wrist SigLIP]
         assert _sha(pixel_values.numpy().astype("<f4")) == case["pixel_values"]["sha256"]
-        stats = vla.norm_stats[case["unnorm_key"]]
-        proprio = oft.normalize_proprio(case["proprio"]["raw"], stats["proprio"])
+        proprio = oft.normalize_proprio(case["proprio"]["raw"], vla.norm_stats[case["unnorm_key"]]["proprio"])
         np.testing.assert_allclose(proprio, case["proprio"]["normalized"], rtol=0, atol=1e-12)
-        seq = case["sequence"]
-        action_mask = torch.zeros(1, len(ids), dtype=torch.bool)
-        action_mask[0, seq["placeholder_positions"][0] - 513:seq["placeholder_positions"][1] - 513] = True
-        assert action_mask[0].nonzero()[0].item() == len(ids) - 57  # placeholders right after the prompt
-        assert seq["action_hidden_slice"] == [513 + len(ids) - 58, 513 + len(ids) - 2]  # read one position earlier
-        proprio_t = torch.tensor(proprio, dtype=torch.float32)[None]
+        seq, n = case["sequence"], len(ids)
+        action_mask = torch.arange(n)[None] >= n - 57  # the placeholders, right after the prompt
+        action_mask[0, -1] = False  # STOP
+        assert seq["placeholder_positions"] == [513 + n - 57, 513 + n - 1]
+        assert seq["action_hidden_slice"] == [513 + n - 58, 513 + n - 2]  # read one position earlier
+        inputs = (pixel_values, torch.tensor([ids]), torch.ones(1, n), action_mask, torch.tensor(proprio).float()[None])
         with torch.no_grad():
-            x = oft.embed(vla, pixel_values, torch.tensor([ids]), action_mask, proprio_t)
-            features = vla.projector(vla.vision_backbone(pixel_values.reshape(2, 6, 224, 224))).reshape(1, 512, -1)
-            normalized, hidden = oft.forward(vla, pixel_values, torch.tensor([ids]), torch.ones(1, len(ids)),
-                                             action_mask, proprio_t)
-        assert x.shape[1] == seq["multimodal_length"]
-        for got, key in ((features, "projector_features"), (hidden, "actions_hidden_states")):
-            ref = np.load(OFT_FIXTURE / case[key]["file"])
-            assert np.abs(got.numpy() - ref).max() <= logit_tol(ref), key
+            normalized, hidden = oft.forward(vla, *inputs)
+            got = {"projector_features": vla.projector(vla.vision_backbone(pixel_values.reshape(2, 6, 224, 224))),
+                   "actions_hidden_states": hidden}
+            if "intermediates" in case:  # case 0: each featurizer per camera, the LLM's input and last hidden states
+                x = got["inputs_embeds"] = oft.embed(vla, *inputs[:2], *inputs[3:])
+                assert x.shape[1] == seq["multimodal_length"]
+                got["last_hidden_states"] = vla.language_model.model(x, torch.arange(x.shape[1])[None],
+                                                                     torch.ones(1, 1, 1, x.shape[1], dtype=torch.bool))
+                for i, view in enumerate(pixel_values.split(3, dim=1)):
+                    vit = vla.vision_backbone.fused_featurizer if i % 2 else vla.vision_backbone.featurizer
+                    got[f"{('full', 'wrist')[i // 2]}_{('dino', 'siglip')[i % 2]}_features"] = vit(view)
+        for name, tensor in got.items():
+            ref = np.load(OFT_FIXTURE / (case[name]["file"] if name in case else case["intermediates"][name]))
+            assert np.abs(tensor.numpy().reshape(ref.shape) - ref).max() <= logit_tol(ref), name
         np.testing.assert_allclose(normalized[0].numpy(), case["normalized_actions"], rtol=0, atol=1e-4)
         chunk = vla.predict_action(images, case["instruction"], case["unnorm_key"], proprio=case["proprio"]["raw"])
         assert chunk.shape == (8, 7) and chunk.dtype == np.float64
         np.testing.assert_allclose(chunk, case["actions"], rtol=0, atol=1e-4)
-        if "intermediates" in case:  # case 0: each featurizer per camera, the LLM's input and last hidden states
-            with torch.no_grad():
-                got = {"inputs_embeds": x, "last_hidden_states": vla.language_model.model(
-                    x, torch.arange(x.shape[1])[None], torch.ones(1, 1, 1, x.shape[1], dtype=torch.bool))}
-                views = pixel_values.split(3, dim=1)  # full DINOv2, full SigLIP, wrist DINOv2, wrist SigLIP
-                for i, role in enumerate(("full", "wrist")):
-                    got[f"{role}_dino_features"] = vla.vision_backbone.featurizer(views[2 * i])
-                    got[f"{role}_siglip_features"] = vla.vision_backbone.fused_featurizer(views[2 * i + 1])
-            for name, tensor in got.items():
-                ref = np.load(OFT_FIXTURE / case["intermediates"][name])
-                assert np.abs(tensor.numpy() - ref).max() <= logit_tol(ref), name
-    # one batched pass over all four (prompts of 4 lengths, right-padded) = the one-by-one chunks
     chunks = vla.predict_actions(raw, [c["instruction"] for c in cases], [c["unnorm_key"] for c in cases],
-                                 proprio=[c["proprio"]["raw"] for c in cases])
+                                 proprio=[c["proprio"]["raw"] for c in cases])  # 4 prompt lengths, right-padded
     np.testing.assert_allclose(chunks, [c["actions"] for c in cases], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="trained with proprio"):
         vla.predict_action(raw[0], cases[0]["instruction"], unnorm_key=cases[0]["unnorm_key"])
 
 
-def test_oft_fixture_training_l1_loss(oft_expected, oft_vla):
-    t = oft_expected["training"]
+def test_oft_fixture_training_l1_loss(oft_vla):
+    t = OFT_EXPECTED["training"]
     pixel_values = torch.stack([oft_vla.preprocess([_png(f"case{ex['case']}_{r}_center_cropped.png")
                                                     for r in ("full", "wrist")]).flatten(0, 1) for ex in t["examples"]])
     assert _sha(pixel_values.numpy().astype("<f4")) == t["batch"]["pixel_values"]["sha256"]
     batch = {k: torch.tensor(t["batch"][k]) for k in ("input_ids", "labels", "attention_mask", "proprio", "actions")}
+    batch["pixel_values"] = pixel_values
     with torch.no_grad():
-        loss, predicted = oft.l1_loss(oft_vla, {**batch, "pixel_values": pixel_values})
-        alone = [oft.l1_loss(oft_vla, {k: v[i:i + 1] for k, v in {**batch, "pixel_values": pixel_values}.items()})[0]
-                 for i in range(2)]
+        loss, predicted = oft.l1_loss(oft_vla, batch)
+        alone = [oft.l1_loss(oft_vla, {k: v[i:i + 1] for k, v in batch.items()})[0] for i in range(2)]
     assert abs(loss.item() / t["loss"] - 1) <= 1e-4
     np.testing.assert_allclose(predicted.numpy(), np.load(OFT_FIXTURE / t["predicted_actions_file"]), rtol=0, atol=1e-4)
     l1 = (predicted - batch["actions"]).abs()
@@ -1390,31 +1379,25 @@ def test_oft_fixture_training_l1_loss(oft_expected, oft_vla):
         assert abs(float(got) / want - 1) <= 1e-4
 
 
-def test_oft_save_load_layout_and_bad_heads(oft_expected, oft_vla, tmp_path):
+def test_oft_save_load_layout_and_bad_heads(oft_vla, tmp_path):
     oft_vla.save_pretrained(tmp_path / "out")
-    names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"action_head--150000_checkpoint.pt", "proprio_projector--150000_checkpoint.pt"} <= names
-    for name, keys in oft_expected["component_checkpoints"].items():
+    for name, keys in OFT_EXPECTED["component_checkpoints"].items():
         saved, ref = (torch.load(d / name, weights_only=True) for d in (tmp_path / "out", OFT_FIXTURE))
         assert list(saved) == list(keys) and all(torch.equal(saved[k], ref[k].float()) for k in keys)
     again = VLA.from_pretrained(tmp_path / "out")
-    case = oft_expected["cases"][1]
+    case = OFT_EXPECTED["cases"][1]
     images = [_png(case["images"][r]["center_cropped_224"]["file"]) for r in ("full", "wrist")]
     args = (images, case["instruction"], case["unnorm_key"], case["proprio"]["raw"])
     np.testing.assert_array_equal(again.predict_action(*args), oft_vla.predict_action(*args))
     bad = tmp_path / "out" / "action_head--150000_checkpoint.pt"
-    for content, match in ((b"not a zip", "not a weights-only torch checkpoint"),
-                           ({"module.model.fc2.weight": torch.zeros(7, 32)}, "does not fit this model"),
-                           ({"x": torch.zeros(7, 64)}, "no model.fc2.weight"),
-                           (torch.nn.Linear(2, 2), "not a weights-only")):
+    for content, match in ((b"not a zip", "not a weights-only torch checkpoint"),  # corrupt
+                           ({"module.model.fc2.weight": torch.zeros(7, 32)}, "does not fit this model"),  # mismatched
+                           (torch.nn.Linear(2, 2), "not a weights-only")):  # a pickled object: never unpickled
         bad.write_bytes(content) if isinstance(content, bytes) else torch.save(content, bad)
         with pytest.raises(CheckpointError, match=match):
             VLA.from_pretrained(tmp_path / "out")
-    shutil.copy(bad, tmp_path / "out" / "action_head--7_checkpoint.pt")
-    with pytest.raises(CheckpointError, match="keep exactly one"):
-        VLA.from_pretrained(tmp_path / "out")
-    [f.unlink() for f in (tmp_path / "out").glob("action_head--*")]
-    with pytest.raises(CheckpointError, match="no action_head"):
+    bad.unlink()
+    with pytest.raises(CheckpointError, match="no action_head"):  # a projector without its head
         VLA.from_pretrained(tmp_path / "out")
 
 
