@@ -12,6 +12,7 @@ Sub-commands per pipeline stage; each takes one dataclass config (`--config.fiel
 """
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -435,19 +436,19 @@ def data_bench(config: DataBenchConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# train
+# train and finetune
 
 
 @dataclass
 class TrainBenchConfig:
     steps: int = 3
-    """timed training steps per setting (after one warm-up step); the median is reported"""
-    tiny_batch: int = 16
-    """per-device batch of the tiny config (the demo's)"""
-    mid_batch: int = 4
-    """per-device batch of the mid-train config"""
+    """timed steps per setting (after one warm-up step); the median is reported"""
+    model: str = "mid-train"
+    """the realistic size: mid-train (mid widths, fewer layers, ~500M parameters), or openvla-7b (GPU)"""
+    batch: int = 4
+    """per-device batch of that model (tiny runs the demo's 16)"""
     skip_mid: bool = False
-    """skip the mid-train config (~500M parameters: a few minutes on a 2-core CPU)"""
+    """train: the tiny model only (the mid-train one takes a few minutes on a 2-core CPU)"""
 
 
 def mid_train_config():
@@ -461,36 +462,11 @@ def mid_train_config():
     return replace(mid, vision=[replace(v, depth=6) for v in mid.vision], llm=replace(mid.llm, num_hidden_layers=4))
 
 
-SYNTHETIC_TOKENS = 82  # text tokens of a demo-shaped example, the last 8 supervised (7 actions + EOS)
-
-
-def time_synthetic_steps(vla, params, device, batch, steps, clip):
-    """Median seconds of one AdamW step on a synthetic demo-shaped batch, and this process's peak memory in bytes."""
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    g = torch.Generator().manual_seed(0)
-    T, V = SYNTHETIC_TOKENS, vla.config.llm.vocab_size
-    pixel_values = torch.randn(batch, 6, 224, 224, generator=g).to(device)
-    input_ids = torch.randint(259, 31000, (batch, T), generator=g).to(device)
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
-
-    def step():
-        vla(pixel_values, input_ids, None, labels, supervised_logits_only=True).loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    seconds = timeit(step, reps=steps)
-    if device.type == "cuda":
-        return seconds, torch.cuda.max_memory_allocated()
-    # VmHWM: this process's peak resident memory (a fresh process, so not the parent's; ru_maxrss would be)
-    return seconds, int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
-
-
-def probe_model(model: str, trainable: bool):
-    """The probes' common start: the process group, then the model on meta with every parameter that runs trainable
-    (or none) -> (vla, world, device)."""
+def train_probe(model: str, batch: int, steps: int, checkpointing: bool, lora: bool):
+    """One setting in a fresh process (peak memory is per process): train.py's FSDP2 + bf16 step, or finetune.py's
+    (bf16 base, r=32 adapters, no clipping), on a synthetic demo-shaped batch: 82 text tokens, the last 8 supervised
+    (7 actions + EOS). Prints {samples_per_s, peak_gb, params, trained}."""
+    import finetune
     import train
     from model import CONFIGS, VLA
 
@@ -499,96 +475,65 @@ def probe_model(model: str, trainable: bool):
         vla = VLA(mid_train_config() if model == "mid-train" else CONFIGS[model])
     unused = set(vla.unused_parameter_names())
     for name, p in vla.named_parameters():
-        p.requires_grad_(trainable and name not in unused)
-    return vla, world, device
-
-
-def train_probe(model: str, checkpointing: bool, batch: int, steps: int):
-    """One setting in a fresh process (peak memory is per process): train.py's FSDP2 + bf16 step on a synthetic
-    demo-shaped batch (82 text tokens, 8 supervised); prints {samples_per_s, tokens_per_s, peak_gb, params}."""
-    import train
-
-    vla, world, device = probe_model(model, trainable=True)
+        p.requires_grad_(not lora and name not in unused)
+    if lora:
+        finetune.add_lora(vla.to(torch.bfloat16), 32, 16.0, 0.0)
     train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=checkpointing)
     train.materialize(vla, device, train.random_init(seed=0))
     params = [p for p in vla.parameters() if p.requires_grad]
-    seconds, peak = time_synthetic_steps(vla, params, device, batch, steps, clip=True)
-    L = SYNTHETIC_TOKENS + vla.num_patches
-    print(json.dumps({"samples_per_s": batch / seconds, "tokens_per_s": batch * L / seconds, "peak_gb": peak / 2**30,
-                      "params": sum(p.numel() for p in vla.parameters())}))
+    opt, g, V = torch.optim.AdamW(params, lr=1e-5), torch.Generator().manual_seed(0), vla.config.llm.vocab_size
+    pixel_values = torch.randn(batch, 6, 224, 224, generator=g).to(device)
+    input_ids = torch.randint(259, 31000, (batch, 82), generator=g).to(device)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
+
+    def step():
+        vla(pixel_values, input_ids, None, labels, supervised_logits_only=True).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, math.inf if lora else 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = timeit(step, reps=steps)
+    # VmHWM: this process's peak resident memory (a fresh process, so not the parent's, as ru_maxrss would be)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
+            int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024)
+    print(json.dumps({"samples_per_s": batch / seconds, "peak_gb": peak / 2**30,
+                      "params": sum(p.numel() for p in vla.parameters()), "trained": sum(p.numel() for p in params)}))
 
 
-def run_probe(call: str) -> dict | None:
-    """Run `bench.<probe>(...)` in a fresh process (peak memory is per process) -> its JSON line, or None on failure."""
-    out = subprocess.run([sys.executable, "-c", f"import bench; {call}"], cwd=ROOT, capture_output=True, text=True)
-    if out.returncode:
-        print(out.stderr[-3000:])
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_probes(model, batch, steps, settings) -> list[dict] | None:
+    """bench.train_probe(model, batch, steps, checkpointing, lora) per setting, each in a fresh process."""
+    runs = []
+    for checkpointing, lora in settings:
+        call = f"import bench; bench.train_probe({model!r}, {batch}, {steps}, {checkpointing}, {lora})"
+        out = subprocess.run([sys.executable, "-c", call], cwd=ROOT, capture_output=True, text=True)
+        if out.returncode:
+            return print(out.stderr[-3000:])
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return runs
 
 
 def train_bench(config: TrainBenchConfig):
     """Training samples/s and peak memory, FSDP2 + bf16, with activation checkpointing vs without (the baseline)."""
     print(f"bench train on {machine()}")
-    settings = [("tiny", config.tiny_batch)] + ([] if config.skip_mid else [("mid-train", config.mid_batch)])
-    for model, batch in settings:
-        runs = {}
-        for checkpointing in (False, True):
-            result = run_probe(f"bench.train_probe({model!r}, {checkpointing}, {batch}, {config.steps})")
-            if result is None:
-                break
-            runs[checkpointing] = result
-        if len(runs) < 2:
-            continue
-        plain, ckpt = runs[False], runs[True]
-        name = f"{model} ({plain['params'] / 1e6:.0f}M params, batch {batch})"
-        report(f"{name}: samples/s, checkpointing off", plain["samples_per_s"], "samples/s", "checkpointing on", ckpt["samples_per_s"])
-        report(f"{name}: peak memory, checkpointing on", ckpt["peak_gb"], "GB", "checkpointing off", plain["peak_gb"])
+    for model, batch in [("tiny", 16)] + ([] if config.skip_mid else [(config.model, config.batch)]):
+        if runs := run_probes(model, batch, config.steps, [(False, False), (True, False)]):
+            (plain, ckpt), name = runs, f"{model} ({runs[0]['params'] / 1e6:.0f}M params, batch {batch})"
+            report(f"{name}: samples/s, checkpointing off", plain["samples_per_s"], "samples/s", "checkpointing on",
+                   ckpt["samples_per_s"])
+            report(f"{name}: peak memory, checkpointing on", ckpt["peak_gb"], "GB", "checkpointing off",
+                   plain["peak_gb"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# finetune
-
-
-@dataclass
-class FinetuneBenchConfig:
-    steps: int = 3
-    """timed steps per setting (after one warm-up step); the median is reported"""
-    batch: int = 4
-    """per-device batch"""
-    model: str = "mid-train"
-    """mid-train (see train bench), tiny, or openvla-7b (GPU)"""
-
-
-def finetune_probe(model: str, lora: bool, batch: int, steps: int):
-    """One setting in a fresh process: LoRA (bf16 base, r=32 adapters, finetune.py's defaults) or full fine-tuning
-    (train.py: fp32 master + AdamW), both FSDP2 + bf16 compute + activation checkpointing; prints step time and peak."""
-    import finetune
-    import train
-
-    vla, world, device = probe_model(model, trainable=not lora)
-    if lora:
-        vla = vla.to(torch.bfloat16)
-        finetune.add_lora(vla, 32, 16.0, 0.0)
-    train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=True)
-    train.materialize(vla, device, train.random_init(seed=0))
-    params = [p for p in vla.parameters() if p.requires_grad]
-    seconds, peak = time_synthetic_steps(vla, params, device, batch, steps, clip=False)  # finetune.py does not clip
-    print(json.dumps({"step_s": seconds, "peak_gb": peak / 2**30, "trainable": sum(p.numel() for p in params)}))
-
-
-def finetune_bench(config: FinetuneBenchConfig):
-    """LoRA vs full fine-tuning of the same model: step time and peak memory, from one run."""
+def finetune_bench(config: TrainBenchConfig):
+    """LoRA vs full fine-tuning of the same model (both with activation checkpointing): step time and peak memory."""
     print(f"bench finetune on {machine()}")
-    runs = {}
-    for lora in (True, False):
-        result = run_probe(f"bench.finetune_probe({config.model!r}, {lora}, {config.batch}, {config.steps})")
-        if result is None:
-            return
-        runs[lora] = result
-    name = f"{config.model} batch {config.batch} (LoRA trains {runs[True]['trainable'] / 1e6:.1f}M, full {runs[False]['trainable'] / 1e6:.0f}M)"
-    report(f"{name}: peak memory, LoRA", runs[True]["peak_gb"], "GB", "full fine-tuning", runs[False]["peak_gb"])
-    report(f"{name}: step time, LoRA", runs[True]["step_s"], "s", "full fine-tuning", runs[False]["step_s"])
+    if runs := run_probes(config.model, config.batch, config.steps, [(True, True), (True, False)]):
+        (lora, full), name = runs, f"{config.model} batch {config.batch}"
+        name += f" (LoRA trains {lora['trained'] / 1e6:.1f}M, full {full['trained'] / 1e6:.0f}M)"
+        report(f"{name}: peak memory, LoRA", lora["peak_gb"], "GB", "full fine-tuning", full["peak_gb"])
+        report(f"{name}: samples/s, LoRA", lora["samples_per_s"], "samples/s", "full fine-tuning",
+               full["samples_per_s"])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Full VLA training with raw torch FSDP2: bf16 compute, fp32 master weights, activation checkpointing, accumulation,
-sharded checkpoints that resume exactly, and an export in the released OpenVLA layout.
+sharded checkpoints that resume exactly, and an export in the released OpenVLA layout. finetune.py runs this loop.
 
     python train.py                                   # laptop demo: tiny model on the demo task (CPU, < 10 min)
     python serve.py                                   # serves what the demo exported (checkpoints/demo)
@@ -10,7 +10,7 @@ sharded checkpoints that resume exactly, and an export in the released OpenVLA l
         ... --config.shard-group-size 8               # HSDP: shard within each node, replicate across nodes
     ... --config.resume                               # continue a killed run exactly (same losses)
 
-One step, as the loop below does it (REFERENCE.md 10):
+One step, as the loop below does it (the original's prismatic/training/strategies/base_strategy.py):
     lr(step) -> A micro-batches: forward (bf16) + backward(loss / A), reduce-scatter only on the last
     -> clip the global grad norm over the shards -> AdamW on this rank's fp32 shard -> log -> maybe save.
 Where bf16 starts and ends: each rank stores its shard of every parameter in fp32 (the master weights, and AdamW's
@@ -34,37 +34,35 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+from torch.distributed.checkpoint.state_dict import set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 import data
 import demo
-from checkpoint import load_text_tokenizer, read_config, read_tensor, read_weight_headers
+from checkpoint import check_state, load_text_tokenizer, read_config, read_tensor, read_weight_headers
 from model import CONFIGS, VLA, init_weights
-from tokenizer import IGNORE_INDEX, build_text_tokenizer
+from tokenizer import IGNORE_INDEX, action_dim, build_text_tokenizer
 
 
 @dataclass
 class TrainConfig:
     model: Literal["tiny", "mid", "openvla-7b"] | None = None
-    """architecture with random weights, and the recipe of defaults below; None: tiny, or init-from's architecture
-    with the openvla-7b recipe"""
+    """architecture with random weights, and the recipe below; None: tiny, or init-from's with the openvla-7b recipe"""
     init_from: Path | None = None
     """an OpenVLA-layout directory (e.g. checkpoints/openvla-7b) whose weights start the run"""
     data_root: Path = Path("runs/demo_data")
     """directory of RLDS datasets (<data-root>/<name>/<version>/); the demo task is written here on first run"""
     data_mix: str = "nanovla_demo"
-    """a dataset name, a mixture (data.py MIXTURES), or your own "name:weight,name:weight", e.g. bridge_orig,
-    oxe_magic_soup_plus_minus, or my_robot:1.0,bridge_orig:0.5"""
+    """a dataset, a mixture (data.py MIXTURES) or "name:weight,...", e.g. bridge_orig, oxe_magic_soup_plus_minus"""
     run_dir: Path = Path("runs/demo")
     """checkpoints/, metrics.jsonl and train_config.json go here"""
     export_dir: Path | None = None
-    """where the released-layout checkpoint is written at the end; None: the recipe's (checkpoints/demo for the
-    demo, which `python serve.py` loads; <run-dir>/export otherwise)"""
+    """the released-layout checkpoint written at the end; None: checkpoints/demo (the demo), else <run-dir>/export"""
     global_batch_size: int | None = None
-    """examples per optimizer step over all ranks; None: the recipe's (16 demo, 2048 openvla-7b)"""
+    """examples per optimizer step over all ranks; None: per-device x world, or the recipe's (16 demo, 2048 7b)"""
     per_device_batch_size: int | None = None
     """examples per forward on one rank; accumulation = global / (per-device x world); None: global / world"""
     learning_rate: float | None = None
@@ -86,14 +84,11 @@ class TrainConfig:
     freeze_llm: bool = False
     """freeze the Llama decoder, embeddings and lm_head (projector, and vision unless frozen, train)"""
     shard_group_size: int = 0
-    """HSDP: ranks that together hold one copy of the weights; FSDP shards within each group of this many ranks and
-    the groups replicate (the original's HYBRID_SHARD, with a group per node: set it to the GPUs per node, so the
-    per-layer all-gathers stay on the node's fast links). 0: one group of all ranks (plain FSDP)"""
+    """HSDP (the original's HYBRID_SHARD): shard within groups of this many ranks (GPUs per node), replicate across"""
     activation_checkpointing: bool | None = None
-    """recompute each ViT block and decoder layer in backward instead of storing its activations; None: recipe's"""
+    """recompute each ViT block and decoder layer in backward instead of storing its activations"""
     bf16: bool | None = None
-    """bf16 parameters and compute (fp32 master weights, optimizer and gradient reduce); False: all fp32; None: the
-    recipe's (bf16 for openvla-7b; fp32 for the CPU demo, where it measured ~20% faster than bf16 and learned faster)"""
+    """bf16 compute, fp32 master weights and gradient reduce; False: all fp32 (the CPU demo's: no fast bf16 there)"""
     image_aug: bool = False
     """the original's random crop and colour jitter (off for OpenVLA pretraining)"""
     shuffle_buffer_size: int | None = None
@@ -101,9 +96,11 @@ class TrainConfig:
     save_every: int | None = None
     """write a sharded checkpoint every this many steps (and at the end)"""
     keep_last: int = 2
-    """sharded checkpoints kept in <run-dir>/checkpoints (older ones are deleted once a newer one is complete)"""
+    """checkpoints kept in <run-dir>/checkpoints (older ones are deleted once a newer one is complete)"""
     resume: bool = False
     """continue from the latest checkpoint in <run-dir>/checkpoints: weights, optimizer, step, data position, RNG"""
+    resume_previous: bool = False
+    """with resume: continue from the checkpoint before the latest (one that cannot be read), set the latest aside"""
     export_only: bool = False
     """with resume: write the export from the latest checkpoint and stop"""
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -113,13 +110,12 @@ class TrainConfig:
     log_every: int = 10
     """sync, print and record metrics every this many steps"""
     eval_episodes: int = 50
-    """closed-loop demo episodes after training (demo task only; 0: skip), and the held-out accuracy with it"""
+    """closed-loop demo episodes after training (demo task only; 0: skip)"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project (wandb is imported only when set)"""
 
 
-# None fields above take these values. openvla-7b is the original recipe (REFERENCE.md 10.1); the demo recipe is
-# what trains the tiny model on the demo task in a few minutes on 2 CPU cores.
+# None fields take these values: openvla-7b's is the original's (prismatic/conf/vla.py); tiny's trains the demo.
 RECIPES = {
     "openvla-7b": dict(global_batch_size=2048, learning_rate=2e-5, schedule="constant", warmup_ratio=0.0,
                        weight_decay=0.0, epochs=1000, activation_checkpointing=True, shuffle_buffer_size=256_000,
@@ -133,6 +129,8 @@ RECIPES["mid"] = RECIPES["openvla-7b"]
 
 def resolve(config: TrainConfig, world: int) -> tuple[TrainConfig, int]:
     """Fill None fields from the recipe and check the batch arithmetic -> (config, accumulation steps)."""
+    if config.global_batch_size is None and config.per_device_batch_size:
+        config = replace(config, global_batch_size=config.per_device_batch_size * world)
     recipe = RECIPES[config.model or ("openvla-7b" if config.init_from else "tiny")]
     fill = {k: v for k, v in recipe.items() if getattr(config, k) is None and not (k == "epochs" and config.max_steps)}
     config = replace(config, **fill)
@@ -149,8 +147,6 @@ def resolve(config: TrainConfig, world: int) -> tuple[TrainConfig, int]:
     if config.shard_group_size and (config.shard_group_size < 0 or world % config.shard_group_size):
         raise ValueError(f"shard-group-size {config.shard_group_size} does not divide the world size {world}; use a "
                          "divisor (e.g. the processes per node), or 0 to shard over all ranks")
-    if config.max_steps is None and config.epochs is None:
-        raise ValueError("set max-steps or epochs")
     if config.export_only and not config.resume:
         raise ValueError("export-only writes the export of the latest checkpoint: pass --config.resume too")
     return config, config.global_batch_size // per_step
@@ -184,9 +180,8 @@ def setup_distributed():
             dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
-        # CPU: share the cores among this machine's ranks and leave one for the data pipeline's TF decode threads.
-        # Oversubscribed cores cost far more than they give: on 2 busy cores, 2 torch threads + TF ran the demo
-        # ~10x slower than 1 thread (OpenMP threads spin waiting for each other).
+        # CPU: share the cores among this machine's ranks and leave one for the data pipeline's TF decode threads;
+        # OpenMP threads on oversubscribed cores spin waiting for each other
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - 1))
     return dist.get_rank(), dist.get_world_size(), device
@@ -199,9 +194,8 @@ def shard(vla: VLA, mesh, bf16: bool, checkpointing: bool):
     weights at a time. The last ViT block of each backbone never runs (features come from the second-to-last), so it
     stays in the root unit: a unit that never runs forward breaks FSDP's bookkeeping for skipped-reduce accumulation.
     """
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    unused = set(vla.unused_parameter_names())
-    unused = {id(p) for name, p in vla.named_parameters() if name in unused}
+    mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    unused = {id(vla.get_parameter(name)) for name in vla.unused_parameter_names()}
     for block in vla.blocks():
         if not all(id(p) in unused for p in block.parameters()):
             # checkpointing: backward re-runs the block's forward from its saved input (model.py run_block), so its
@@ -233,24 +227,15 @@ def materialize(vla: VLA, device, read_rows):
             local = param.to_local()
             rows = read_rows(i, name, tuple(param.shape), shard_rows(param))
             if tuple(rows.shape) != tuple(local.shape):
-                raise ValueError(f"{name}: got rows of shape {list(rows.shape)} for a local shard of {list(local.shape)}")
+                raise ValueError(f"{name}: got rows of shape {list(rows.shape)} for a shard of {list(local.shape)}")
             local.copy_(rows)
 
 
-def from_checkpoint(vla: VLA, path: Path, headers: dict, rename=lambda name: name):
+def from_checkpoint(path: Path, headers: dict, shapes: dict):
     """read_rows for materialize: this rank's rows straight from safetensors (stored bf16 -> the shard's dtype in
-    materialize's copy), after a strict key and shape check."""
-    names = {rename(name) for name, _ in vla.named_parameters()} - {None}  # None: not in the checkpoint (adapters)
-    missing, unexpected = sorted(names - set(headers)), sorted(set(headers) - names)
-    if missing or unexpected:
-        raise ValueError(f"{path}: state-dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-    def read_rows(i, name, shape, rows):
-        key = rename(name)
-        if headers[key][2] != shape:
-            raise ValueError(f"{headers[key][0]}: {key} has shape {list(headers[key][2])}, the model {list(shape)}")
-        return read_tensor(headers, key, rows)
-    return read_rows
+    materialize's copy), after the strict check of the names and shapes ({name: shape}) the model expects there."""
+    check_state(headers, shapes, path)
+    return lambda i, name, shape, rows: read_tensor(headers, name, rows)
 
 
 def random_init(seed: int):
@@ -264,16 +249,11 @@ def random_init(seed: int):
     return read_rows
 
 
-def decode_table(vla, model_config, device):
-    """token id -> normalized action value, from tokenizer.py's own decode (so the metrics never re-derive bins)."""
-    ids = torch.arange(model_config.llm.vocab_size).numpy()
-    return torch.tensor(vla.action_tokenizer.decode(ids), dtype=torch.float32, device=device)
-
-
 @torch.no_grad()
 def action_metrics(out, labels, begin_idx: int, decode) -> torch.Tensor:
-    """REFERENCE.md 10.6 on a supervised_logits_only output, as device-side sums (no host sync):
-    [loss, correct action tokens, action tokens, L1 sum of de-tokenized actions, 1 micro-batch, examples]."""
+    """The original's metrics (prismatic/training/strategies/base_strategy.py) on a supervised_logits_only output,
+    as device-side sums (no host sync): [loss, correct action tokens, action tokens, L1 of de-tokenized actions,
+    1 micro-batch, examples]."""
     gt = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,) in the logits' row order
     preds, mask = out.logits.argmax(-1), gt > begin_idx  # action tokens: not EOS, not prompt
     l1 = (decode[preds] - decode[gt]).abs()[mask].sum()
@@ -283,7 +263,10 @@ def action_metrics(out, labels, begin_idx: int, decode) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: DCP shards written under a temporary name, renamed when complete
+# Checkpoints: DCP shards written under a temporary name, renamed when complete. Frozen parameters are not saved:
+# they are the init's (random by seed, or init-from), which a resume materializes again; a LoRA checkpoint thus holds
+# the adapters, their AdamW state, the step, and each rank's data position and RNG.
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -296,7 +279,7 @@ def save_checkpoint(run_dir: Path, step: int, vla, optimizer, dataset, keep_last
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
     dist.barrier()
-    model_state, optim_state = get_state_dict(vla, optimizer)
+    model_state, optim_state = get_state_dict(vla, optimizer, options=TRAINED_ONLY)
     dcp.save({"model": model_state, "optimizer": optim_state, "step": step,
               f"rank{rank}": rank_state(dataset)}, checkpoint_id=tmp)  # every rank writes its own shard files
     dist.barrier()
@@ -316,40 +299,57 @@ def rank_state(dataset) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, vla, optimizer, dataset) -> int:
-    rank = dist.get_rank()
-    model_state, optim_state = get_state_dict(vla, optimizer)
+def load_checkpoint(found: list[Path], vla, optimizer, dataset, previous: bool) -> tuple[Path, int]:
+    """Restore the newest checkpoint (with previous: the one before, the newest renamed .set-aside-step-*)."""
+    rank, path = dist.get_rank(), found[-2] if previous and len(found) > 1 else found[-1]
+    if path != found[-1] and rank == 0:
+        found[-1].rename(found[-1].with_name(f".set-aside-{found[-1].name}"))  # this run saves that step again
+    model_state, optim_state = get_state_dict(vla, optimizer, options=TRAINED_ONLY)
     state = {"model": model_state, "optimizer": optim_state, "step": 0, f"rank{rank}": rank_state(dataset)}
-    dcp.load(state, checkpoint_id=path)  # fills the tensors in place, each rank reads the slices it owns
-    set_state_dict(vla, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    try:
+        dcp.load(state, checkpoint_id=path)  # fills the tensors in place, each rank reads the slices it owns
+    except (Exception, dcp.api.CheckpointException) as e:  # a damaged file surfaces deep in torch: say the way on
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e  # a rank's error
+        way = (f"continue from the one before it, {found[-2].name}, with --config.resume-previous"
+               if path == found[-1] and len(found) > 1 else "no earlier checkpoint is left")
+        raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); {way}") from None
+    set_state_dict(vla, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=TRAINED_ONLY)
     mine = state[f"rank{rank}"]
     dataset.load_state_dict(mine["data"])  # fails clearly on a different world size, seed or mixture
     torch.set_rng_state(mine["torch_rng"])
     if "cuda_rng" in mine:
         torch.cuda.set_rng_state(mine["cuda_rng"])
-    return int(state["step"])
+    return path, int(state["step"])
 
 
-def export(vla, config: TrainConfig, model_config, tokenizer, tokenizer_dir, norm_stats) -> Path | None:
-    """Consolidated released-layout checkpoint, written by rank 0 from a full state dict gathered to its CPU."""
+def export(vla, config: TrainConfig, model_config, tokenizer, norm_stats, merge=None) -> Path | None:
+    """Consolidated released-layout checkpoint, written by rank 0 from a full state dict gathered to its CPU;
+    merge(state) -> state maps the trained model's names to the release's (finetune.py folds LoRA in)."""
     full = get_model_state_dict(vla, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
     if dist.get_rank() != 0:
         return None
-    dtype = getattr(torch, config.export_dtype)
+    full, dtype, path = merge(full) if merge else full, getattr(torch, config.export_dtype), config.export_dir
     with torch.device("meta"):
         out = VLA(replace(model_config, norm_stats=norm_stats))
     out.load_state_dict({k: v.to(dtype) for k, v in full.items()}, strict=True, assign=True)
-    out.tokenizer, out.tokenizer_dir = tokenizer, tokenizer_dir
-    out.save_pretrained(config.export_dir)
-    return config.export_dir
+    out.tokenizer, out.tokenizer_dir = tokenizer, config.init_from
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # save_pretrained's temporary, left by a killed export
+        shutil.rmtree(stale)
+    out.save_pretrained(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)  # save_pretrained's tempfile.mkdtemp made it 0700
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(config: TrainConfig) -> dict:
-    """Train, save, export; returns {"step", "history" (the metrics of every log step), "export", "params_local"
-    (this rank's share), "params_total", and on the demo (rank 0) "accuracy" (held out) and "success_rate"}."""
+def main(config: TrainConfig, adapt=None, merge=None) -> dict:
+    """Train, save, export -> {"step", "history" (metrics of each log step), "export", "model", "params_local" (this
+    rank's), "params_total", "params_trained", on the demo (rank 0) "success_rate"}. finetune.py passes adapt(vla)
+    (on the meta model: freeze, add layers -> {name: read_rows} of the new parameters) and merge (for the export)."""
     rank, world, device = setup_distributed()
     is_main = rank == 0
     config, accumulation = resolve(config, world)
@@ -360,20 +360,26 @@ def main(config: TrainConfig) -> dict:
                          "it, or choose another --config.run-dir")
 
     # -- model: shapes on meta, shard, then each rank materializes its shard ------------------------------------
-    headers = None
-    if config.init_from:
-        headers = read_weight_headers(config.init_from)
-        model_config, tokenizer = read_config(config.init_from, headers), load_text_tokenizer(config.init_from)
-    else:
-        model_config, tokenizer = CONFIGS[config.model or "tiny"], build_text_tokenizer()
+    headers = read_weight_headers(config.init_from) if config.init_from else None
+    model_config = read_config(config.init_from, headers) if headers else CONFIGS[config.model or "tiny"]
+    tokenizer = load_text_tokenizer(config.init_from) if headers else build_text_tokenizer()
     if config.data_mix == "nanovla_demo" and not (config.data_root / "nanovla_demo").exists():
+        if config.data_root != TrainConfig.data_root:  # a mistyped path must not quietly become a new demo dataset
+            raise data.DataError(f"{config.data_root}: no nanovla_demo dataset; the demo is written on first use only "
+                                 f"to {TrainConfig.data_root}, elsewhere with python demo.py --data-dir DIR")
         if is_main:
             print(f"writing the demo task to {config.data_root} (once)")
             demo.make_demo(config.data_root)
         dist.barrier()
-    dataset = data.RLDSDataset(config.data_root, config.data_mix, tokenizer, image_size=model_config.vision[0].image_size,
-                               image_norm=model_config.image_norm, train=True, image_aug=config.image_aug,
+    dataset = data.RLDSDataset(config.data_root, config.data_mix, tokenizer, train=True, image_aug=config.image_aug,
+                               image_size=model_config.vision[0].image_size, image_norm=model_config.image_norm,
                                shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed, rank=rank, world=world)
+    dims = {k: action_dim(model_config.norm_stats, k) for k in model_config.norm_stats}
+    for name in dataset.norm_stats if headers and dims else ():  # one token per action dimension: the head's layout
+        if (new := action_dim(dataset.norm_stats, name)) not in dims.values():
+            raise ValueError(f"{name} has {new}-dim actions but {config.init_from} was trained on "
+                             f"{sorted(set(dims.values()))}-dim actions ({dims}); start from a checkpoint with the "
+                             "same action dimension, or convert the dataset's actions")
     with torch.device("meta"):
         vla = VLA(model_config)
     vla.tokenizer = tokenizer
@@ -382,29 +388,34 @@ def main(config: TrainConfig) -> dict:
         if (name in frozen or (config.freeze_vision and name.startswith("vision_backbone."))
                 or (config.freeze_llm and name.startswith("language_model."))):
             p.requires_grad_(False)
+    added = adapt(vla) if adapt else {}
     group = config.shard_group_size or world
     # 1-d mesh: FSDP over every rank. 2-d (replicate, shard): parameters and optimizer state are sharded within a
     # group and replicated across groups; gradients are reduce-scattered in the group, then all-reduced across them.
     mesh = (init_device_mesh(device.type, (world,)) if group == world else
             init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard")))
     shard(vla, mesh, config.bf16, config.activation_checkpointing)
-    materialize(vla, device, from_checkpoint(vla, config.init_from, headers) if headers else random_init(config.seed))
+    shapes = {n: tuple(p.shape) for n, p in vla.named_parameters() if n not in added}
+    init = from_checkpoint(config.init_from, headers, shapes) if headers else random_init(config.seed)
+    materialize(vla, device, lambda i, name, *rest: (added.get(name) or init)(i, name, *rest))
     vla.train()
-    params_local = sum(p.to_local().numel() for p in vla.parameters())
-    params_total = sum(p.numel() for p in vla.parameters())
 
-    # AdamW over this rank's fp32 shards. FSDP2's DTensors keep their original shapes, so "matrices decay, biases and
-    # 1-d params don't" works as intended (the original's flattened FSDP1 views put everything in no-decay).
+    # AdamW (torch's betas and eps, the original's) over this rank's fp32 shards. FSDP2's DTensors keep their shapes,
+    # so "matrices decay, biases and 1-d params don't" works (the original's flat FSDP1 views put all in no-decay).
     trainable = [(n, p) for n, p in vla.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in trainable if p.ndim >= 2 and not n.endswith(".bias")], "weight_decay": config.weight_decay},
-              {"params": [p for n, p in trainable if p.ndim < 2 or n.endswith(".bias")], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    decay = {n for n, p in trainable if p.ndim >= 2 and not n.endswith(".bias")}
+    groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": config.weight_decay},
+              {"params": [p for n, p in trainable if n not in decay], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    params = {"params_local": sum(p.to_local().numel() for p in vla.parameters()),
+              "params_total": sum(p.numel() for p in vla.parameters()),
+              "params_trained": sum(p.numel() for _, p in trainable)}
 
     step = 0
     if config.resume and found:
-        step = load_checkpoint(found[-1], vla, optimizer, dataset)
+        path, step = load_checkpoint(found, vla, optimizer, dataset, config.resume_previous)
         if is_main:
-            print(f"resumed from {found[-1]} at step {step}")
+            print(f"resumed from {path} at step {step}")
     elif config.resume and is_main:
         print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
     total = config.max_steps or math.ceil(config.epochs * dataset.dataset_length / config.global_batch_size)
@@ -413,12 +424,15 @@ def main(config: TrainConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
         data.save_dataset_statistics(dataset.norm_stats, run_dir / "dataset_statistics.json")
-        trained = sum(p.numel() for _, p in trainable)
+        log = run_dir / "metrics.jsonl"
+        if step and log.exists():  # the steps after the checkpoint run again: keep only the lines up to it
+            lines = [line for line in log.read_text().splitlines() if line.endswith("}")]  # not a line cut by a kill
+            log.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
         sharding = f"FSDP over {world}" if group == world else f"HSDP: {world // group} replicas x {group} shards"
-        print(f"{params_total / 1e6:.1f}M parameters ({trained / 1e6:.1f}M trained), {world} rank(s) on {device.type}, "
-              f"{sharding}, "
-              f"batch {config.global_batch_size} = {world} x {config.per_device_batch_size} x {accumulation} "
-              f"accumulation, {total} steps, bf16 {config.bf16}, activation checkpointing {config.activation_checkpointing}")
+        print(f"{params['params_total'] / 1e6:.1f}M parameters ({params['params_trained'] / 1e6:.1f}M trained), "
+              f"{world} rank(s) on {device.type}, {sharding}, batch {config.global_batch_size} = {world} x "
+              f"{config.per_device_batch_size} x {accumulation} accumulation, {total} steps, bf16 {config.bf16}, "
+              f"activation checkpointing {config.activation_checkpointing}")
         if config.wandb_project:
             import wandb
 
@@ -426,7 +440,8 @@ def main(config: TrainConfig) -> dict:
 
     loader = iter(torch.utils.data.DataLoader(dataset, batch_size=config.per_device_batch_size,
                                               collate_fn=data.collate, num_workers=0))  # TF decodes in its own threads
-    decode = decode_table(vla, model_config, device)
+    ids = torch.arange(model_config.llm.vocab_size).numpy()  # token id -> normalized action, by tokenizer.py's decode
+    decode = torch.tensor(vla.action_tokenizer.decode(ids), dtype=torch.float32, device=device)
     # Device-side sums since the last log, synced only on log steps: loss, correct action tokens, action tokens,
     # L1, micro-batches, samples. bad_step: the first step with a non-finite loss or gradient norm (-1: none).
     window = torch.zeros(6, dtype=torch.float64, device=device)
@@ -440,8 +455,7 @@ def main(config: TrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(accumulation):
-            batch = next(loader)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
             # Reduce-scatter only after the last micro-batch; before it, FSDP keeps each block's unsharded gradient,
             # upcast to fp32 (reduce_dtype), and adds to it. That costs memory: a full fp32 gradient per rank.
             vla.set_requires_gradient_sync(micro == accumulation - 1)
@@ -469,8 +483,7 @@ def main(config: TrainConfig) -> dict:
             if int(bad_step) >= 0:
                 raise SystemExit(f"non-finite loss or gradient norm at step {int(bad_step)}; stopping. The last good "
                                  f"checkpoint is {checkpoints(run_dir)[-1] if checkpoints(run_dir) else 'none'}")
-            s = window.tolist()
-            elapsed = time.perf_counter() - t_log
+            s, elapsed = window.tolist(), time.perf_counter() - t_log
             peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             metrics = {"step": step, "loss": s[0] / s[4], "action_accuracy": s[1] / max(s[2], 1),
@@ -484,53 +497,50 @@ def main(config: TrainConfig) -> dict:
                 eta = (total - step) * metrics["step_time_s"]
                 print(f"step {step}/{total} | loss {metrics['loss']:.4f} | acc {metrics['action_accuracy']:.3f} | "
                       f"l1 {metrics['l1_loss']:.4f} | lr {lr:.2e} | {metrics['samples_per_s']:.1f} samples/s | "
-                      f"eta {int(eta // 60)}m{int(eta % 60):02d}s", end="\r" if sys.stdout.isatty() and not last else "\n",
-                      flush=True)
+                      f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True,
+                      end="\r" if sys.stdout.isatty() and not last else "\n")
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 if config.wandb_project:
                     wandb.log(metrics, step=step)
         if save:
             path = save_checkpoint(run_dir, step, vla, optimizer, dataset, config.keep_last)
-            if is_main and sys.stdout.isatty():
-                print()
             if is_main:
-                print(f"saved {path}")
+                print(("\n" if sys.stdout.isatty() else "") + f"saved {path}")
 
-    result = {"step": step, "history": history, "params_local": params_local,
-              "params_total": params_total, "export": export(vla, config, model_config, tokenizer, config.init_from, norm_stats)}
+    path = export(vla, config, model_config, tokenizer, norm_stats, merge)
+    result = {"step": step, "history": history, "export": path, "model": vla, **params}
     if is_main:
-        print(f"exported {result['export']} (python serve.py --config.checkpoint {result['export']})")
+        key = f" --config.unnorm-key {config.data_mix}" if len(norm_stats) > 1 and config.data_mix in norm_stats else ""
+        print(f"exported {path}; serve it with: python serve.py --config.checkpoint {path}{key}")
         if config.data_mix == "nanovla_demo" and config.eval_episodes:
-            result.update(evaluate_demo(config, model_config))
+            result["success_rate"] = demo_success(path, config.eval_episodes)
         if config.wandb_project:
             wandb.finish()
     dist.barrier()
     return result
 
 
-def evaluate_demo(config: TrainConfig, model_config) -> dict:
-    """Held-out action-token accuracy on the demo's val split, and closed-loop success in the demo world, both with
-    the exported checkpoint loaded back the way serve.py loads it."""
-    vla = VLA.from_pretrained(config.export_dir, dtype=torch.float32)
-    val = data.RLDSDataset(config.data_root, config.data_mix, vla.tokenizer, image_norm=model_config.image_norm,
-                           train=False, shuffle_buffer_size=0)
-    correct = n = 0
-    with torch.no_grad():
-        for batch in torch.utils.data.DataLoader(val, batch_size=32, collate_fn=data.collate):
-            logits = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], text_logits_only=True).logits
-            preds, gt = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
-            mask = gt > vla.action_tokenizer.begin_idx
-            correct, n = correct + int(((preds == gt) & mask).sum()), n + int(mask.sum())
+def demo_success(path: Path, episodes: int) -> float:
+    """Closed-loop success in the demo world (demo.py) of the checkpoint at path, loaded as serve.py loads it."""
+    vla = VLA.from_pretrained(path, dtype=torch.float32)
     policy = lambda image, instruction: vla.predict_action(image, instruction, unnorm_key="nanovla_demo")  # noqa: E731
-    success = demo.demo_success_rate(policy, episodes=config.eval_episodes)
-    print(f"held-out action-token accuracy {correct / n:.3f} ({n} tokens); closed-loop success {success:.0%} "
-          f"over {config.eval_episodes} demo episodes")
-    return {"accuracy": correct / n, "success_rate": success}
+    success = demo.demo_success_rate(policy, episodes=episodes)
+    print(f"closed-loop success {success:.0%} over {episodes} demo episodes")
+    return success
+
+
+def cli(main):
+    """python train.py / finetune.py: parse the flags and run; a data error is its message alone (it names the
+    dataset, the file and what was expected), no traceback."""
+    import tyro
+
+    try:
+        tyro.cli(main)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    import tyro
-
-    tyro.cli(main)
-    dist.destroy_process_group()
+    cli(main)
