@@ -1319,10 +1319,9 @@ def test_oft_fixture_images_ids_positions_intermediates_chunks(oft_vla):
         proprio = oft.normalize_proprio(case["proprio"]["raw"], vla.norm_stats[case["unnorm_key"]]["proprio"])
         np.testing.assert_allclose(proprio, case["proprio"]["normalized"], rtol=0, atol=1e-12)
         seq, n = case["sequence"], len(ids)
-        action_mask = torch.arange(n)[None] >= n - 57  # the placeholders, right after the prompt
-        action_mask[0, -1] = False  # STOP
-        assert seq["placeholder_positions"] == [513 + n - 57, 513 + n - 1]
-        assert seq["action_hidden_slice"] == [513 + n - 58, 513 + n - 2]  # read one position earlier
+        action_mask = ((torch.arange(n) >= n - 57) & (torch.arange(n) < n - 1))[None]  # placeholders, not STOP
+        assert seq["placeholder_positions"] == [513 + n - 57, 513 + n - 1] and seq["action_hidden_slice"] == [
+            513 + n - 58, 513 + n - 2]  # each action value is read one position before its placeholder
         inputs = (pixel_values, torch.tensor([ids]), torch.ones(1, n), action_mask, torch.tensor(proprio).float()[None])
         with torch.no_grad():
             normalized, hidden = oft.forward(vla, *inputs)
@@ -1352,9 +1351,16 @@ def test_oft_fixture_images_ids_positions_intermediates_chunks(oft_vla):
 
 def test_oft_fixture_training_l1_loss(oft_vla):
     t = OFT_EXPECTED["training"]
+    for ex in t["examples"]:  # the data side: tokenizer.py's example of the flattened chunk; BOUNDS_Q99 (TF: float32)
+        example = training_example(oft_vla.tokenizer, oft_vla.action_tokenizer, ex["instruction"],
+                                   np.ravel(ex["normalized_actions"]))
+        assert example == (ex["input_ids"], ex["labels"])
+        for raw, name, want in (("raw_actions", "action", "normalized_actions"),
+                                ("raw_proprio", "proprio", "normalized_proprio")):
+            got = normalize_actions(ex[raw], oft_vla.norm_stats[ex["dataset"]][name])
+            np.testing.assert_allclose(got, ex[want], rtol=0, atol=1e-6)
     pixel_values = torch.stack([oft_vla.preprocess([_png(f"case{ex['case']}_{r}_center_cropped.png")
                                                     for r in ("full", "wrist")]).flatten(0, 1) for ex in t["examples"]])
-    assert _sha(pixel_values.numpy().astype("<f4")) == t["batch"]["pixel_values"]["sha256"]
     batch = {k: torch.tensor(t["batch"][k]) for k in ("input_ids", "labels", "attention_mask", "proprio", "actions")}
     batch["pixel_values"] = pixel_values
     with torch.no_grad():
@@ -1363,9 +1369,8 @@ def test_oft_fixture_training_l1_loss(oft_vla):
     assert abs(loss.item() / t["loss"] - 1) <= 1e-4
     np.testing.assert_allclose(predicted.numpy(), np.load(OFT_FIXTURE / t["predicted_actions_file"]), rtol=0, atol=1e-4)
     l1 = (predicted - batch["actions"]).abs()
-    for got, want in ((l1[:, 0].mean(), t["metrics"]["curr_action_l1_loss"]),
-                      (l1[:, 1:].mean(), t["metrics"]["next_actions_l1_loss"]),
-                      *zip(alone, t["loss_each_example_alone"]), *zip(l1.mean((1, 2)), t["per_example_l1_in_batch"])):
+    for got, want in ((l1[:, 0].mean(), t["metrics"]["curr_action_l1_loss"]), *zip(alone, t["loss_each_example_alone"]),
+                      *zip(l1.mean((1, 2)), t["per_example_l1_in_batch"])):  # row 0 = the current action
         assert abs(float(got) / want - 1) <= 1e-4
 
 
@@ -1374,11 +1379,11 @@ def test_oft_save_load_layout_and_bad_heads(oft_vla, tmp_path):
     for name, keys in OFT_EXPECTED["component_checkpoints"].items():
         saved, ref = (torch.load(d / name, weights_only=True) for d in (tmp_path / "out", OFT_FIXTURE))
         assert list(saved) == list(keys) and all(torch.equal(saved[k], ref[k].float()) for k in keys)
-    again = VLA.from_pretrained(tmp_path / "out")
     case = OFT_EXPECTED["cases"][1]
-    images = [_png(case["images"][r]["center_cropped_224"]["file"]) for r in ("full", "wrist")]
-    args = (images, case["instruction"], case["unnorm_key"], case["proprio"]["raw"])
-    np.testing.assert_array_equal(again.predict_action(*args), oft_vla.predict_action(*args))
+    images = [_png(case["images"][r]["raw"]["file"]) for r in ("full", "wrist")]
+    chunk = VLA.from_pretrained(tmp_path / "out").predict_action(images, case["instruction"], case["unnorm_key"],
+                                                                 case["proprio"]["raw"])
+    np.testing.assert_allclose(chunk, case["actions"], rtol=0, atol=1e-4)
     bad = tmp_path / "out" / "action_head--150000_checkpoint.pt"
     for content, match in ((b"not a zip", "not a weights-only torch checkpoint"),  # corrupt
                            ({"module.model.fc2.weight": torch.zeros(7, 32)}, "does not fit this model"),  # mismatched
