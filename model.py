@@ -596,6 +596,8 @@ class VLA(nn.Module):
             raise ValueError(f"unnorm_keys {sorted(set(keys))} have different action dims {sorted(dims)}")
         if self.action_head is not None:
             return oft.predict_chunks(self, images, instructions, keys, proprio, center_crop)
+        if proprio is not None:
+            raise ValueError("proprio= is for OFT models (with an action_head--*_checkpoint.pt); this one has none")
         ids = self.generate(self.preprocess(images), [self.prompt_ids(s) for s in instructions], dims.pop())
         rows = [token_ids_to_actions(self.action_tokenizer, row, self.norm_stats[k]["action"])
                 for row, k in zip(ids.tolist(), keys)]

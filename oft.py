@@ -111,7 +111,7 @@ def load_heads(vla, path: Path, dtype, device, chunk=CHUNK):
             continue
         state = read_head(file)
         dim_key = "model.fc2.weight" if name == "action_head" else "fc1.weight"  # action_dim / proprio_dim
-        if dim_key not in state:
+        if dim_key not in state or state[dim_key].ndim != 2:
             raise _error(f"{file}: no {dim_key}; expected a {name} state dict ({sorted(state)[:3]}...)")
         out, inp = state[dim_key].shape
         module = L1RegressionActionHead(D, D, out, chunk) if name == "action_head" else ProprioProjector(D, inp)
@@ -126,7 +126,7 @@ def load_heads(vla, path: Path, dtype, device, chunk=CHUNK):
 def save_heads(vla, path: Path):
     """The released format back: torch.save of {"module." + name: tensor}, one file per head, same step."""
     for name in HEADS:
-        if (module := getattr(vla, name)) is not None:
+        if (module := getattr(vla, name, None)) is not None:
             state = {"module." + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             torch.save(state, path / f"{name}--{vla.action_head.step}_checkpoint.pt")
 
