@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 import types
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from oxe import DATASETS, GRIPPER, MIXTURES  # noqa: E402
 from tokenizer import IGNORE_INDEX, MAX_TEXT_TOKENS, ActionTokenizer, normalize_actions, training_example  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")  # TF only decodes images; the GPUs belong to torch (as the original)
@@ -78,142 +80,36 @@ class DataError(ValueError):
     """Bad or missing data; the message names the dataset, the file and what was expected."""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Standardization: one numpy function per dataset, episode steps (T, ...) in, the common format out.
-# Images stay encoded bytes here; only what the dataset needs is touched (the original's oxe/transforms.py).
-
-
-def binarize_gripper_actions(g: np.ndarray) -> np.ndarray:
-    """> 0.95 -> 1 (open), < 0.05 -> 0 (closed); in-between values take the next decided value (scan from the end,
-    which starts from the last raw value, so a trailing in-between run keeps the raw last value), as the original."""
-    out, carry = np.empty_like(g), g[-1]
-    for t in range(len(g) - 1, -1, -1):
-        if g[t] > 0.95 or g[t] < 0.05:
-            carry = np.float32(g[t] > 0.95)
-        out[t] = carry
-    return out
-
-
-def rel2abs_gripper_actions(g: np.ndarray) -> np.ndarray:
-    """Relative gripper commands (< -0.1 open, > 0.1 close, else no change) -> absolute 1 = open / 0 = closed.
-
-    The state before the first command is the opposite of that command (open if there is none), as the original.
-    """
-    cmd = np.where(g < -0.1, 1, np.where(g > 0.1, -1, 0))
-    nonzero = cmd[cmd != 0]
-    state = -nonzero[0] if len(nonzero) else 1
-    out = np.empty(len(g), np.float32)
-    for t, c in enumerate(cmd):
-        state = c if c != 0 else state
-        out[t] = state / 2 + 0.5
-    return out
-
-
-def bridge_orig(steps):
-    """BridgeData V2: actions re-derived from consecutive states, first and last steps dropped (T -> T - 2 frames).
-
-    Step 0's action is all zero, so it is dropped; the gripper is binarized before the last step goes; frame t keeps
-    image and instruction of raw step t+1, movement state[t+2] - state[t+1] (Euler angles subtracted without
-    wrapping) and the binarized gripper of raw step t+1.
-    """
-    state = steps["observation"]["state"][1:]
-    gripper = binarize_gripper_actions(steps["action"][1:, -1])
-    action = np.concatenate([state[1:, :6] - state[:-1, :6], gripper[:-1, None]], axis=1)
-    return {"image": steps["observation"]["image_0"][1:-1], "action": action,
-            "instruction": steps["language_instruction"][1:-1], "proprio": state[:-1]}
-
-
-def fractal20220817_data(steps):
-    """Google RT-1: world_vector + rotation_delta + relative gripper command made absolute."""
-    a = steps["action"]
-    gripper = rel2abs_gripper_actions(a["gripper_closedness_action"][:, 0])
-    return {"image": steps["observation"]["image"],
-            "action": np.concatenate([a["world_vector"], a["rotation_delta"], gripper[:, None]], axis=1),
-            "instruction": steps["observation"]["natural_language_instruction"]}
-
-
-def libero(steps):
-    """LIBERO (OpenVLA's regenerated *_no_noops): raw gripper -1 = open .. +1 = close -> 1 - clip(g, 0, 1)."""
-    a, state = steps["action"], steps["observation"]["state"]
-    return {"image": steps["observation"]["image"], "wrist_image": steps["observation"]["wrist_image"],
-            "action": np.concatenate([a[:, :6], 1 - np.clip(a[:, 6:], 0, 1)], axis=1),
-            "instruction": steps["language_instruction"],
-            "proprio": np.concatenate([state[:, :6], state[:, -2:]], axis=1)}
-
-
-def nanovla_demo(steps):
-    """The demo task written by demo.py: already in the standard format."""
-    return {"image": steps["observation"]["image"], "action": steps["action"],
-            "instruction": steps["language_instruction"], "proprio": steps["observation"]["state"]}
-
-
-# Dataset name (the directory under data_root) -> its standardization. Add your robot here (see README).
-DATASETS = {
-    "bridge_orig": bridge_orig,
-    "fractal20220817_data": fractal20220817_data,
-    "libero_spatial_no_noops": libero,
-    "libero_object_no_noops": libero,
-    "libero_goal_no_noops": libero,
-    "libero_10_no_noops": libero,
-    "nanovla_demo": nanovla_demo,
-}
 # The Bridge V2 release is a tfds dataset named bridge_dataset; OpenVLA expects it renamed to bridge_orig. Accept both.
 DIRECTORY_ALIASES = {"bridge_orig": ("bridge_dataset",)}
 
-# The original's OXE_NAMED_MIXTURES (oxe/mixtures.py), weights before balancing by size. A dataset name alone is a
-# mixture of itself with weight 1.0. Names not in DATASETS fail with "not supported yet" before any data is read.
-_PLUS_MINUS = [
-    ("fractal20220817_data", 1.0), ("kuka", 0.8341046294), ("bridge_orig", 1.0), ("taco_play", 2.0), ("jaco_play", 1.0),
-    ("berkeley_cable_routing", 1.0), ("roboturk", 2.0), ("viola", 2.0), ("berkeley_autolab_ur5", 2.0), ("toto", 1.0),
-    ("stanford_hydra_dataset_converted_externally_to_rlds", 2.0), ("austin_buds_dataset_converted_externally_to_rlds", 1.0),
-    ("nyu_franka_play_dataset_converted_externally_to_rlds", 3.0),
-    ("furniture_bench_dataset_converted_externally_to_rlds", 0.1), ("ucsd_kitchen_dataset_converted_externally_to_rlds", 2.0),
-    ("austin_sailor_dataset_converted_externally_to_rlds", 1.0), ("austin_sirius_dataset_converted_externally_to_rlds", 1.0),
-    ("dlr_edan_shared_control_converted_externally_to_rlds", 1.0),
-    ("iamlab_cmu_pickup_insert_converted_externally_to_rlds", 1.0), ("utaustin_mutex", 1.0),
-    ("berkeley_fanuc_manipulation", 2.0), ("cmu_stretch", 1.0), ("bc_z", 0.2), ("fmb_dataset", 1.0), ("dobbe", 0.2),
-]
-MIXTURES = {
-    "bridge": [("bridge_orig", 1.0)],
-    "bridge_rt_1": [("bridge_orig", 1.0), ("fractal20220817_data", 1.0)],
-    "oxe_magic_soup_plus_minus": _PLUS_MINUS,  # OpenVLA-7B's final mixture: its 25 norm_stats keys
-    # the first ~70% of OpenVLA-7B's training: RT-1 down-weighted, plus language_table and DROID
-    "oxe_magic_soup_plus": [("fractal20220817_data", 0.54087122203)] + _PLUS_MINUS[1:10] + [("language_table", 0.1)]
-    + _PLUS_MINUS[10:] + [("droid", 0.06)],
-    "libero_mix": [(f"libero_{s}_no_noops", 1.0) for s in ("spatial", "object", "goal", "10")],
-}
-
 
 def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
-    """[(dataset, weight)] of a named mixture, a single dataset, or your own "name:weight,name:weight" list (e.g.
-    "my_robot:1.0,bridge_orig:0.5" to co-train with Bridge; a missing weight is 1.0); duplicates dropped (first
-    kept), as the original. Weights are pre-balancing, as in the named mixtures (oxe/mixtures.py)."""
-    if data_mix in MIXTURES:
-        mix = MIXTURES[data_mix]
-    elif data_mix in DATASETS:
-        mix = [(data_mix, 1.0)]
-    elif "," in data_mix or ":" in data_mix:
-        mix = []
-        for part in data_mix.split(","):
-            name, _, weight = (x.strip() for x in part.partition(":"))
-            try:
-                mix.append((name, float(weight or 1.0)))
-            except ValueError:
-                raise DataError(f"data mix {data_mix!r}: weight {weight!r} of {name!r} is not a number; expected "
-                                "name:weight,name:weight (e.g. bridge_orig:1.0,fractal20220817_data:0.5)") from None
-            if not name or not mix[-1][1] > 0:
-                raise DataError(f"data mix {data_mix!r}: {part.strip()!r} needs a dataset name and a weight > 0")
-    else:
+    """[(dataset, weight)] of a named mixture (oxe.MIXTURES), a single dataset, or your own "name:weight,name:weight"
+    list (e.g. "my_robot:1.0,bridge_orig:0.5" to co-train with Bridge; a missing weight is 1.0); duplicates dropped
+    (first kept), as the original. Weights are pre-balancing, as in the named mixtures."""
+    spec = MIXTURES.get(data_mix, data_mix)
+    if data_mix not in MIXTURES and data_mix not in DATASETS and not ("," in data_mix or ":" in data_mix):
         raise DataError(f"unknown dataset or mixture {data_mix!r}; known datasets: {sorted(DATASETS)}; "
                         f"mixtures: {sorted(MIXTURES)}")
+    mix = []
+    for part in spec.split(","):
+        name, _, weight = (x.strip() for x in part.partition(":"))
+        try:
+            mix.append((name, float(weight or 1.0)))
+        except ValueError:
+            raise DataError(f"data mix {data_mix!r}: weight {weight!r} of {name!r} is not a number; expected "
+                            "name:weight,name:weight (e.g. bridge_orig:1.0,fractal20220817_data:0.5)") from None
+        if not name or not mix[-1][1] > 0:
+            raise DataError(f"data mix {data_mix!r}: {part.strip()!r} needs a dataset name and a weight > 0")
     first = {}
     for name, weight in mix:  # dedupe: the first weight of each name, in the mixture's order
         first.setdefault(name, weight)
     mix = list(first.items())
     missing = [name for name, _ in mix if name not in DATASETS]
     if missing:
-        raise DataError(f"mixture {data_mix!r}: not supported yet: {', '.join(missing)} (add a standardization "
-                        f"function to DATASETS in data.py; supported: {sorted(DATASETS)})")
+        raise DataError(f"mixture {data_mix!r}: not supported yet: {', '.join(missing)} (add its oxe.Layout to "
+                        f"DATASETS; supported: {sorted(DATASETS)})")
     return mix
 
 
@@ -261,16 +157,46 @@ class Features(dict):
         return Features(value, self.where, f"{self.path}/{key}") if isinstance(value, dict) else value
 
 
+def _columns(steps: Features, feature: str | None, T: int) -> np.ndarray:
+    """(T, k) columns of a Layout feature such as "observation/state[7:10]" or "action[6]"; None: a zero column."""
+    if feature is None:
+        return np.zeros((T, 1), np.float32)
+    path, _, cut = feature.partition("[")
+    node = steps
+    while path not in node:  # feature names may contain "/" themselves (kuka, bc_z)
+        head, _, path = path.partition("/")
+        node = node[head]
+    x, cut = node[path].reshape(T, -1), cut.rstrip("]")
+    if ":" in cut:
+        start, stop = (int(v) if v else None for v in cut.split(":"))
+        return x[:, start:stop]
+    return x[:, int(cut) : int(cut) + 1 or None] if cut else x
+
+
 def standardize(name: str, episode: dict, where: str) -> dict:
-    """DATASETS[name] applied to one episode, with its output checked (action (T, 7) float32, equal lengths)."""
-    out = DATASETS[name](Features(episode["steps"], where))
-    action = np.asarray(out["action"], np.float32)
-    if action.ndim != 2 or action.shape[1] != ACTION_DIM:
-        raise DataError(f"{where}: standardized action has shape {action.shape}, expected (T, {ACTION_DIM})")
-    if not len(out["image"]) == len(out["instruction"]) == len(action):
+    """DATASETS[name] applied to one episode: {image, action (T, 7) float32, instruction, proprio (T, P) float32}."""
+    layout, steps = DATASETS[name], Features(episode["steps"], where)
+    cameras = [steps["observation"][c] for c in ((layout.image,) if isinstance(layout.image, str) else layout.image)]
+    T = len(cameras[0])
+    # a camera pair (DROID): one per episode, picked by its first image's crc (random-like, and the same on a resume)
+    image = cameras[zlib.crc32(cameras[0][0]) % len(cameras)] if T else cameras[0]
+    rule, column = layout.gripper
+    gripper = GRIPPER[rule](_columns(steps, column, T)[:, 0])
+    action = np.concatenate([_columns(steps, f, T) for f in layout.movement] + [gripper[:, None]], axis=1)
+    proprio = [_columns(steps, f, T) for f in layout.proprio]
+    out = {"image": image, "action": action.astype(np.float32),
+           "instruction": _columns(steps, layout.instruction, T)[:, 0] if layout.instruction else None,
+           "proprio": np.concatenate(proprio, axis=1).astype(np.float32) if proprio else np.zeros((T, 0), np.float32)}
+    if layout.wrist:
+        out["wrist_image"] = steps["observation"][layout.wrist]
+    out = layout.fn(steps, out) if layout.fn else out
+    if out["action"].shape[1:] != (ACTION_DIM,):
+        raise DataError(f"{where}: standardized action has shape {out['action'].shape}, expected (T, {ACTION_DIM})")
+    if not len(out["image"]) == len(out["instruction"]) == len(out["action"]) == len(out["proprio"]):
         raise DataError(f"{where}: standardization gave {len(out['image'])} images, {len(out['instruction'])} "
-                        f"instructions and {len(action)} actions; expected one of each per step")
-    return {**out, "action": action}
+                        f"instructions, {len(out['action'])} actions and {len(out['proprio'])} states; expected one "
+                        "of each per step")
+    return out
 
 
 def read_episodes(builder, name: str, split: str, shuffle_seed: int | None = None, repeat: bool = False):
@@ -309,6 +235,16 @@ def _unreadable_file(builder) -> str | None:
 # Statistics: one pass over every split, after standardization, before any filter; cached next to the data
 
 
+def quantile(x: np.ndarray, q: float) -> np.ndarray:
+    """np.quantile(x, q, axis=0) of float32 columns as numpy 1.26 computed it for the original (numpy 2 returns
+    float32): the step between the two neighbours in float32, the linear interpolation in float64."""
+    s = np.sort(x, axis=0)
+    index = (len(s) - 1) * q
+    lo, t = int(np.floor(index)), index - np.floor(index)
+    hi, step = min(lo + 1, len(s) - 1), (s[min(lo + 1, len(s) - 1)] - s[lo]).astype(np.float64)
+    return s[hi] - step * (1 - t) if t >= 0.5 else s[lo] + step * t
+
+
 def compute_statistics(builder, name: str) -> dict:
     n_episodes = sum(split.num_examples for split in builder.info.splits.values())
     # a full dataset takes minutes (BridgeData V2: 60k episodes): a progress bar on terminals (tqdm's disable=None)
@@ -319,10 +255,9 @@ def compute_statistics(builder, name: str) -> dict:
         raise DataError(f"{name}: {builder.data_dir} holds no steps after standardization; nothing to train on")
     a = np.concatenate(actions)  # float32 (N, 7)
 
-    def describe(x):  # mean/std/max/min in float32; quantiles in float64, as numpy 1.26 promoted them for the original
-        q01, q99 = np.quantile(x.astype(np.float64), [0.01, 0.99], axis=0)
+    def describe(x):  # mean/std/max/min in float32
         return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist(), "max": x.max(0).tolist(),
-                "min": x.min(0).tolist(), "q01": q01.tolist(), "q99": q99.tolist()}
+                "min": x.min(0).tolist(), "q01": quantile(x, 0.01).tolist(), "q99": quantile(x, 0.99).tolist()}
 
     # OpenVLA loads no proprio, so its proprio statistics are those of zeros_like(action) (all zeros in norm_stats)
     return {"action": describe(a), "proprio": describe(np.zeros_like(a)),
@@ -333,10 +268,12 @@ def dataset_statistics(builder, name: str) -> dict:
     """Statistics of one dataset, cached as dataset_statistics_<sha256>.json in its version directory.
 
     The hash covers the dataset (str of its tfds info, which includes the path), the proprio keys ("()": none, as
-    OpenVLA) and the source text of the standardization function, as the original's; so editing the function or the
-    data recomputes. A read-only data directory (no write bit, also for root) falls back to ~/.cache/nanovla/.
+    OpenVLA) and the dataset's Layout with the source of its functions (the original: its transform's source); so
+    editing the Layout or the data recomputes. A read-only data directory (no write bit, also for root) falls back to
+    ~/.cache/nanovla/.
     """
-    key = "".join([str(builder.info), "()", inspect.getsource(DATASETS[name])])
+    layout = [getattr(DATASETS[name], f.name) for f in dataclasses.fields(DATASETS[name])]
+    key = "".join([str(builder.info), "()", repr([inspect.getsource(v) if callable(v) else v for v in layout])])
     filename = f"dataset_statistics_{hashlib.sha256(key.encode()).hexdigest()}.json"
     paths = [Path(builder.data_dir) / filename, Path.home() / ".cache" / "nanovla" / filename]
     for path in paths:
@@ -524,12 +461,13 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                             f"episodes for rank {self.rank} of {self.world}")
 
     def _frames(self, i: int):
-        """(dataset index, image bytes, instruction bytes, normalized action float32 (7,), where) of dataset i."""
-        stats = self.norm_stats[self.names[i]]["action"]
+        """(dataset index, image bytes, instruction bytes, normalized action (7,), proprio (P,), where) of dataset i:
+        every frame the dataset's `keep` filter (DROID's, on normalized actions) lets through."""
+        stats, keep = self.norm_stats[self.names[i]]["action"], DATASETS[self.names[i]].keep
         for where, ep in self._episodes(i):
             action = normalize_actions(ep["action"], stats).astype(np.float32)  # (T, 7), gripper passes through
-            for t in range(len(action)):
-                yield i, ep["image"][t], ep["instruction"][t], action[t], where
+            for t in np.flatnonzero(keep(action)) if keep else range(len(action)):
+                yield i, ep["image"][t], ep["instruction"][t], action[t], ep["proprio"][t], where
 
     def _stream(self, rng):
         """Encoded frames in training order with their augmentation seeds: everything random happens here."""
@@ -553,7 +491,9 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             yield frame, rng.integers(0, 2**31 - 1, size=2, dtype=np.int32)
 
     def frames(self):
-        """Decoded frames {image uint8 (H, W, 3), action, instruction, dataset_name}, from the saved position."""
+        """Decoded frames {image uint8 (H, W, 3), action, proprio, instruction, dataset_name}, from the saved position.
+
+        proprio: the dataset's state (the original config's state_obs_keys), unnormalized float32 (P,)."""
         return self._in_threads(self._decode_frame)
 
     def __iter__(self):
@@ -581,7 +521,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 yield out
 
     def _decode_frame(self, frame: tuple, seed) -> dict:
-        i, image_bytes, instruction, action, where = frame
+        i, image_bytes, instruction, action, proprio, where = frame
         try:
             if not len(image_bytes):
                 image = np.zeros((self.image_size, self.image_size, 3), np.uint8)  # padding camera, as original
@@ -591,13 +531,15 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 image = self._decode(image_bytes).numpy()
         except tf.errors.InvalidArgumentError as e:
             raise DataError(f"{where}: cannot decode an image: {e.message.splitlines()[0]}") from None
-        return {"image": image, "action": action, "instruction": instruction.decode(), "dataset_name": self.names[i]}
+        return {"image": image, "action": action, "proprio": proprio, "instruction": instruction.decode(),
+                "dataset_name": self.names[i]}
 
     def example(self, frame: dict) -> dict:
         """A decoded frame -> model inputs (tokenizer.py builds the ids and labels)."""
         ids, labels = training_example(self._prompts, self.action_tokenizer, frame["instruction"], frame["action"])
         return {"pixel_values": to_pixel_values(frame["image"], self.image_norm), "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels), "dataset_name": frame["dataset_name"]}
+                "labels": torch.tensor(labels), "proprio": torch.from_numpy(frame["proprio"]),
+                "dataset_name": frame["dataset_name"]}
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "rank": self.rank, "world": self.world,
@@ -675,7 +617,8 @@ def main(config: DataConfig):
         raise SystemExit("pass --data-root DIR (see python data.py --help; python demo.py writes the demo data)")
     from tokenizer import build_text_tokenizer
 
-    ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), shuffle_buffer_size=1000, seed=config.seed)
+    ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), shuffle_buffer_size=1000,
+                     seed=config.seed)
     print(json.dumps({n: {k: s[k] for k in ("num_transitions", "num_trajectories")} for n, s in ds.norm_stats.items()}))
     for frame, _ in zip(ds.frames(), range(3)):
         print(frame["dataset_name"], repr(frame["instruction"]), np.round(frame["action"], 3).tolist(),

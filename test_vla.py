@@ -615,6 +615,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import demo  # noqa: E402
+import oxe  # noqa: E402
 
 GOLDEN = SHARED / "data" / "golden" / "bridge_orig"
 BRIDGE_SAMPLE = SHARED / "data" / "bridge_dataset" / "1.0.0"
@@ -742,7 +743,7 @@ def test_data_golden_bridge_statistics_frames_tokens(tmp_path, fixture_tokenizer
 
 
 OXE = SHARED / "data" / "oxe"
-OXE_GOLDEN = ["fractal20220817_data"]
+OXE_GOLDEN = sorted(p.name for p in (OXE / "golden").iterdir() if p.is_dir())
 
 
 @pytest.mark.parametrize("name", OXE_GOLDEN)
@@ -764,6 +765,10 @@ def test_data_oxe_golden_statistics_frames_tokens(name, fixture_tokenizer, tmp_p
         assert digest in d.get("image_sha256_candidates", {d["image_key"]: d["image_sha256"]}).values()
     batch = data.collate([ds.example(f) for f in frames])
     assert [ids[m].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])] == [d["input_ids"] for d in detail]
+    raw = np.concatenate([ep["action"] for ep in _episodes(ds.builders[0], name, counts["train_split"]) if any(ep["instruction"])])
+    np.testing.assert_allclose(raw, np.load(golden / "actions_raw.npy"), atol=1e-6)
+    rows = [d["raw_index"] for d in detail]  # proprio as the config's state keys load it, per yielded frame
+    np.testing.assert_allclose(np.stack([f["proprio"] for f in frames]), np.load(golden / "proprio_raw.npy")[rows], atol=1e-6)
 
 
 def test_data_golden_augmentation_is_exact():
@@ -775,7 +780,7 @@ def test_data_golden_augmentation_is_exact():
     assert not np.array_equal(data.augment_image(image, [0, 1]).numpy(), data.augment_image(image, [0, 2]).numpy())
 
 
-def test_data_standardization_bridge_libero_fractal(rlds_root):
+def test_data_standardization_bridge_libero(rlds_root):
     root, eps = rlds_root
     bridge = data.open_dataset(root, "bridge_orig")
     by_instruction = {ep["steps"][0]["language_instruction"]: ep for ep in eps["train"]}
@@ -799,15 +804,6 @@ def test_data_standardization_bridge_libero_fractal(rlds_root):
         a = np.stack([x["action"] for x in ep["steps"]])
         np.testing.assert_allclose(out["action"], np.c_[a[:, :6], 1 - np.clip(a[:, 6], 0, 1)], atol=1e-7)
         assert len(out["wrist_image"]) == len(a) and out["proprio"].shape == (len(a), 8)
-    # fractal's relative gripper: open < -0.1, close > 0.1; the start is the opposite of the first command
-    np.testing.assert_array_equal(data.rel2abs_gripper_actions(np.array([0, 0, 0.5, 0, -0.5, 0.05])), [1, 1, 0, 0, 1, 1])
-    np.testing.assert_array_equal(data.rel2abs_gripper_actions(np.array([0, -1.0, 0])), [0, 1, 1])
-    np.testing.assert_array_equal(data.rel2abs_gripper_actions(np.zeros(3)), [1, 1, 1])
-    steps = {"observation": {"image": np.array([b"a", b"b"]), "natural_language_instruction": np.array([b"x", b"y"])},
-             "action": {"world_vector": np.ones((2, 3), np.float32), "rotation_delta": np.zeros((2, 3), np.float32),
-                        "gripper_closedness_action": np.array([[0.0], [1.0]], np.float32)}}
-    out = data.fractal20220817_data(steps)
-    np.testing.assert_array_equal(out["action"], [[1, 1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0, 0]])
 
 
 def test_data_statistics_match_numpy_and_are_cached(rlds_root):
@@ -853,23 +849,35 @@ def test_data_normalization_round_trip_and_label_layout(rlds_root, fixture_token
         assert (ids[n:] == 32000).all() and (labels[n:] == -100).all() and mask.sum() == n
 
 
-def test_data_mixture_proportions(rlds_root, fixture_tokenizer):
-    root, _ = rlds_root
+def test_data_mixture_samples_by_the_original_weights(fixture_tokenizer, tmp_path):
     # a mixture of your own as a string: the same as a named one
     assert data.resolve_mixture("bridge_orig, libero_spatial_no_noops:0.5,bridge_orig:3") == \
         [("bridge_orig", 1.0), ("libero_spatial_no_noops", 0.5)]
     for bad, why in (("bridge_orig:x", "is not a number"), ("bridge_orig:0", "weight > 0"), (",bridge_orig", "name"),
-                     ("bridge_orig,kuka:1", "not supported yet: kuka"), ("bridge_orig,nope:1", "not supported yet: nope")):
+                     ("bridge_orig,nope:1", "not supported yet: nope")):
         with pytest.raises(data.DataError, match=why):
             data.resolve_mixture(bad)
-    ds = data.RLDSDataset(root, "bridge_orig:1.0,libero_spatial_no_noops:0.5", fixture_tokenizer, image_size=16,
+    names = ["fractal20220817_data", "taco_play", "viola", "droid"]  # weights 0.54, 2, 2, 0.06 in oxe_magic_soup_plus
+    weights = dict(data.resolve_mixture("oxe_magic_soup_plus"))
+    for name in names:
+        _linked(tmp_path, next((OXE / "rlds" / name).iterdir()), name)
+    ds = data.RLDSDataset(tmp_path, ",".join(f"{n}:{weights[n]}" for n in names), fixture_tokenizer, image_size=16,
                           shuffle_buffer_size=50, seed=3)
-    n = 1500
-    names = [f[0][0] for f, _ in zip(ds._stream(np.random.default_rng(1)), range(n))]  # no decoding needed
-    sizes = np.array([ds.norm_stats[k]["num_transitions"] for k in ds.names])
-    p = 1.0 * sizes[0] / (1.0 * sizes[0] + 0.5 * sizes[1])  # weight x num_transitions, normalized
-    assert abs(np.mean(np.array(names) == 0) - p) < 4 * np.sqrt(p * (1 - p) / n)
-    assert ds.dataset_length == int(sizes[0] / p)  # the original's length: primary (weight 1.0) datasets
+    n = 4000
+    drawn = np.bincount([f[0][0] for f, _ in zip(ds._stream(np.random.default_rng(1)), range(n))], minlength=4) / n
+    # the original's balance_weights: weight x num_transitions (every split on disk), normalized
+    p = np.array([weights[k] * ds.norm_stats[k]["num_transitions"] for k in names])
+    p /= p.sum()
+    np.testing.assert_allclose(ds.weights, p)
+    assert np.all(np.abs(drawn - p) < 4 * np.sqrt(p * (1 - p) / n) + 1 / n), (drawn, p)
+    assert ds.dataset_length == int(max(ds.norm_stats[k]["num_transitions"] / p[i] for i, k in enumerate(names)))
+    # every named mixture of the original resolves, or names exactly the datasets it lacks
+    assert len(data.resolve_mixture("oxe_magic_soup_plus")) == 27 and len(data.resolve_mixture("oxe_magic_soup")) == 23
+    with pytest.raises(data.DataError, match=r"'rtx_franka': not supported yet: maniskill_dataset_converted_externally_"
+                       r"to_rlds, cmu_franka_exploration_dataset_converted_externally_to_rlds, berkeley_rpt_converted_"
+                       r"externally_to_rlds, kaist_nonprehensile_converted_externally_to_rlds, stanford_robocook_"
+                       r"converted_externally_to_rlds, cmu_play_fusion \("):
+        data.resolve_mixture("rtx_franka")
 
 
 def _ids(ds, n):
@@ -935,8 +943,8 @@ def test_data_errors_name_dataset_file_and_expectation(rlds_root, fixture_tokeni
         data.open_dataset(tmp_path / "nope", "bridge_orig")
     with pytest.raises(data.DataError, match=r"unknown dataset or mixture 'bridge_v9'.*bridge_orig.*oxe_magic_soup_plus_minus"):
         data.RLDSDataset(root, "bridge_v9", fixture_tokenizer)
-    with pytest.raises(data.DataError, match="not supported yet: kuka, taco_play"):
-        data.RLDSDataset(tmp_path / "nope", "oxe_magic_soup_plus_minus", fixture_tokenizer)  # before touching the disk
+    with pytest.raises(data.DataError, match="not supported yet: droid_wipe"):
+        data.RLDSDataset(tmp_path / "nope", "droid_wipe", fixture_tokenizer)  # before touching the disk
     # bridge_orig written without observation/state: the error names the feature and the record
     F = tfds.features
     feats = _bridge_features(F, 16, state=False)
@@ -946,7 +954,7 @@ def test_data_errors_name_dataset_file_and_expectation(rlds_root, fixture_tokeni
     with pytest.raises(data.DataError, match=r"bridge_orig \(.*bridge_orig-train.tfrecord-00000-of-00001__\d+\): no feature 'steps/observation/state'"):
         data.load_norm_stats(tmp_path / "nostate", "bridge_orig")
     # wrong action dimension from a user's standardization function
-    monkeypatch.setitem(data.DATASETS, "six_dof", lambda s: {**data.libero(s), "action": s["action"][:, :6]})
+    monkeypatch.setitem(data.DATASETS, "six_dof", oxe.Layout(movement=("action[:5]",)))
     shutil.copytree(root / "libero_spatial_no_noops", tmp_path / "r6" / "six_dof")
     with pytest.raises(data.DataError, match=r"six_dof .*: standardized action has shape \(\d+, 6\), expected \(T, 7\)"):
         data.load_norm_stats(tmp_path / "r6", "six_dof")

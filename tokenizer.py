@@ -58,12 +58,15 @@ def normalize_actions(actions, stats: dict) -> np.ndarray:
     `stats` is one entry's "action" dict (q01, q99, min, max, mask). Dimensions whose mask is False (the gripper)
     pass through unchanged; dimensions with min == max become 0, as the original does.
     """
-    a = np.asarray(actions, dtype=np.float64)
+    # as the original's TF graph (rlds/utils/data_utils.py): float32, except q99 - q01 + 1e-8, which numpy computes in
+    # float64 on the statistics before TF casts it; a value at q99 then gives 0.99999976, not 1.0 (another bin)
+    a = np.asarray(actions, dtype=np.float32)
     q01, q99 = np.asarray(stats["q01"], np.float64), np.asarray(stats["q99"], np.float64)
     mask = np.asarray(stats.get("mask", np.ones_like(q01, dtype=bool)), dtype=bool)
-    out = np.where(mask, np.clip(2.0 * (a - q01) / (q99 - q01 + 1e-8) - 1.0, -1.0, 1.0), a)
+    scaled = 2 * (a - q01.astype(np.float32)) / (q99 - q01 + 1e-8).astype(np.float32) - 1
+    out = np.where(mask, np.clip(scaled, -1, 1), a)
     constant = np.asarray(stats["min"], np.float64) == np.asarray(stats["max"], np.float64)
-    return np.where(constant, 0.0, out)
+    return np.where(constant, np.float32(0), out)
 
 
 def unnormalize_actions(normalized, norm_stats: dict, unnorm_key: str) -> np.ndarray:
