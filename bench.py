@@ -488,7 +488,7 @@ def train_probe(model: str, batch: int, steps: int, checkpointing: bool, lora: b
     labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
 
     def step():
-        vla(pixel_values, input_ids, None, labels, supervised_logits_only=True).loss.backward()
+        vla(pixel_values, input_ids, None, labels).loss.backward()
         torch.nn.utils.clip_grad_norm_(params, math.inf if lora else 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -55,6 +55,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from model import to_pixel_values  # noqa: E402
 from oxe import DATASETS, GRIPPER, MIXTURES  # noqa: E402
 from tokenizer import IGNORE_INDEX, MAX_TEXT_TOKENS, ActionTokenizer, normalize_actions, training_example  # noqa: E402
 
@@ -354,27 +355,6 @@ def random_resized_crop(x, seed):
     left = tf.random.stateless_uniform([1], seed, 0, 1 - cw)
     box = tf.stack([top, left, top + ch, left + cw], axis=1)  # (1, 4) normalized y1, x1, y2, x2
     return tf.image.crop_and_resize(x[None], box, [0], tf.stack([h, w]))[0]
-
-
-def to_pixel_values(image: np.ndarray, image_norm=OPENVLA_IMAGE_NORM) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3 * len(image_norm), H, W): x / 255 normalized once per vision backbone.
-
-    The same float32 operations as torchvision's to_tensor + Normalize, done once on the 256 byte values
-    (_pixel_table) and then looked up: equal inputs give equal bits, and one gather per channel is ~4x cheaper than
-    six float passes over the image. Single-threaded numpy: it does not fight TF's threads on a small machine.
-    """
-    table = _pixel_table(tuple((tuple(m), tuple(s)) for m, s in image_norm))  # (3 * views, 256)
-    channels = np.ascontiguousarray(np.asarray(image, np.uint8).transpose(2, 0, 1))  # (3, H, W)
-    out = np.empty((len(table), *channels.shape[1:]), np.float32)
-    for c in range(len(table)):
-        np.take(table[c], channels[c % 3], out=out[c])
-    return torch.from_numpy(out)
-
-
-@functools.lru_cache
-def _pixel_table(image_norm: tuple) -> np.ndarray:
-    x = np.arange(256, dtype=np.float32) / np.float32(255)
-    return np.stack([(x - np.float32(m[c])) / np.float32(s[c]) for m, s in image_norm for c in range(3)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

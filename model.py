@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import oft
 from tokenizer import (
     IGNORE_INDEX, ActionTokenizer, action_dim, build_prompt, build_text_tokenizer, empty_piece_id, resolve_unnorm_key,
-    token_ids_to_actions,
+    unnormalize_actions,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +355,8 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # no init here (build() initializes, loading overwrites): nn.Embedding's normal_ on meta imports torch._dynamo
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(cfg.vocab_size, cfg.hidden_size), freeze=False)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -379,8 +380,17 @@ class LlamaForCausalLM(nn.Module):
 # The VLA
 
 
+def to_pixel_values(image: np.ndarray, image_norm) -> torch.Tensor:
+    """uint8 (S, S, 3) -> float32 (3 * views, S, S): to_tensor (/ 255), then (x - mean) / std with each view's
+    constants, in float32 as torchvision's Normalize (prismatic/models/backbones/vision/base_vision.py). data.py
+    calls it too, so training and inference normalize identically."""
+    x = np.asarray(image, np.uint8).transpose(2, 0, 1).astype(np.float32, order="C") / np.float32(255)  # (3, S, S)
+    views = [(x - np.float32(mean).reshape(3, 1, 1)) / np.float32(std).reshape(3, 1, 1) for mean, std in image_norm]
+    return torch.from_numpy(np.concatenate(views))
+
+
 class VLAOutput(NamedTuple):
-    logits: torch.Tensor  # (B, 1 + P + T - 1, V): positions of [BOS, patches, text]
+    logits: torch.Tensor  # (B, P + T, V) over [BOS, patches, text]; with labels (N, V) at supervised positions
     loss: torch.Tensor | None
 
 
@@ -407,7 +417,6 @@ class VLA(nn.Module):
         self.language_model = LlamaForCausalLM(config.llm)
         self.action_head = self.proprio_projector = None  # OFT's (oft.py): from_pretrained attaches them when present
         self.tokenizer = None  # set by build / from_pretrained
-        self._prompt_ids = {}  # instruction -> ids for self.tokenizer (see prompt_ids)
         # Action ids count down from the base vocabulary: 32064 rows - 64 padding = 32000 (REFERENCE.md 1.6)
         self.action_tokenizer = ActionTokenizer(config.llm.vocab_size - config.pad_to_multiple_of, config.n_action_bins)
 
@@ -417,22 +426,14 @@ class VLA(nn.Module):
 
     def blocks(self):
         """Every ViT block and decoder layer: the units FSDP shards and activation checkpointing wraps."""
-        vits = [self.vision_backbone.featurizer] + ([self.vision_backbone.fused_featurizer]
-                                                    if hasattr(self.vision_backbone, "fused_featurizer") else [])
+        vits = list(self.vision_backbone.children())
         return [b for vit in vits for b in vit.blocks] + list(self.language_model.model.layers)
 
     def unused_parameter_names(self):
         """Parameters that never influence the output: each ViT's last block and final norm, SigLIP's attention pool.
         Kept for a faithful save; train.py freezes them (they would never receive a gradient)."""
-        out = []
-        for name, _ in self.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "vision_backbone":
-                vit = getattr(self.vision_backbone, parts[1])
-                last = parts[2] == "blocks" and int(parts[3]) == len(vit.blocks) - 1
-                if last or parts[2] in ("norm", "attn_pool"):
-                    out.append(name)
-        return out
+        return [f"vision_backbone.{v}.{p}" for v, vit in self.vision_backbone.named_children() for p, _ in
+                vit.named_parameters() if p.startswith((f"blocks.{len(vit.blocks) - 1}.", "norm.", "attn_pool."))]
 
     @property
     def num_patches(self):
@@ -447,16 +448,13 @@ class VLA(nn.Module):
         tokens = self.language_model.model.embed_tokens(input_ids)  # (B, T, D)
         return torch.cat([tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:]], dim=1)
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, text_logits_only=False,
-                supervised_logits_only=False):
-        """Right-padded batch -> logits (B, P + T, V) and the mean cross-entropy over labels != -100.
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None) -> VLAOutput:
+        """Right-padded batch -> logits and loss.
 
-        text_logits_only: logits from the last patch on, (B, T, V), row t predicting input_ids[:, t + 1].
-        The positions before it predict patches, which are never supervised, so the loss is the same, with ~1/4 of
-        the lm_head work and logits memory (256 patches + ~80 text tokens); the demo's training step is ~3x faster.
-        supervised_logits_only (train.py; needs labels): logits only where the next token is supervised, (N, V) in
-        the order of labels[:, 1:][labels[:, 1:] != -100]; the same loss again, from 8 of ~80 text positions (the
-        lm_head + cross-entropy were ~2/3 of a tiny-model step on CPU even with text_logits_only).
+        Without labels: logits (B, P + T, V) at every position of [BOS, patches, text]. With labels (training):
+        logits (N, V) only where the next token is supervised, in the order of labels[:, 1:][labels[:, 1:] != -100],
+        and their mean cross-entropy: the original's loss (patches and prompt are never supervised), without the
+        lm_head and logits memory for the ~330 positions of a 7-dim action example that the loss ignores.
         """
         x = self.embed(pixel_values, input_ids)
         B, L, _ = x.shape
@@ -464,75 +462,41 @@ class VLA(nn.Module):
         position_ids = torch.arange(L, device=x.device)[None].expand(B, L)  # 0..L-1 over BOS, patches, text
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            ones = attention_mask.new_ones(B, P)
-            key_valid = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:]], dim=1).bool()
-            mask = attention_bias(key_valid, L)
+            key_valid = torch.cat([attention_mask[:, :1], attention_mask.new_ones(B, P), attention_mask[:, 1:]], 1)
+            mask = attention_bias(key_valid.bool(), L)
         hidden = self.language_model.model(x, position_ids, mask)
-        first = P if text_logits_only or supervised_logits_only else 0
-        if supervised_logits_only:
-            keep = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): hidden[:, P:-1] predicts labels[:, 1:]
-            logits = self.language_model.lm_head(hidden[:, first:-1][keep]).float()  # (N, V)
-            return VLAOutput(logits, F.cross_entropy(logits, labels[:, 1:][keep]))
-        logits = self.language_model.lm_head(hidden[:, first:]).float()  # the original casts logits to fp32 for the loss
-        loss = None
-        if labels is not None:
-            labels = torch.cat([labels[:, :1], labels.new_full((B, P), IGNORE_INDEX), labels[:, 1:]], dim=1)[:, first:]
-            # one mean over every supervised token of the batch (not per example), as transformers' Llama loss
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        return VLAOutput(logits, loss)
+        if labels is None:
+            return VLAOutput(self.language_model.lm_head(hidden).float(), None)
+        keep = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): hidden[:, P + t] predicts input_ids[:, t + 1]
+        logits = self.language_model.lm_head(hidden[:, P:-1][keep]).float()  # fp32 for the loss, as the original
+        # one mean over every supervised token of the batch (not per example), as transformers' Llama loss
+        return VLAOutput(logits, F.cross_entropy(logits, labels[:, 1:][keep]))
 
     # -- inference ------------------------------------------------------------------------------------------------
 
     def preprocess(self, images) -> torch.Tensor:
-        """Images (HxWx3 uint8 arrays or PIL images, any size) -> pixel_values (B, 3 * views, S, S) float32.
-
-        As the released processor: PIL bicubic resize (antialiased) straight to SxS ("resize-naive", aspect ratio not
-        kept), to_tensor (/255), then (x - mean) / std per view with the serialized constants; views stacked on channels.
-        """
+        """Images (HxWx3 uint8 arrays or PIL images, any size) -> pixel_values (B, 3 * views, S, S) float32, as the
+        released processor: PIL bicubic resize (antialiased) straight to SxS ("resize-naive"), then to_pixel_values."""
         from PIL import Image
 
-        size = self.config.vision[0].image_size
-        mean = torch.tensor([m for m, _ in self.config.image_norm]).view(-1, 1, 1)  # (3 * views, 1, 1)
-        std = torch.tensor([s for _, s in self.config.image_norm]).view(-1, 1, 1)
-        out = torch.empty(len(images), 3 * len(self.config.image_norm), size, size)  # image_norm: (mean, std) per view
-        for row, image in zip(out, images):
+        size, out = self.config.vision[0].image_size, []
+        for image in images:
             if isinstance(image, np.ndarray):
                 if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                     raise ValueError(f"image must be an HxWx3 uint8 array, got {image.dtype} {image.shape}")
-                if image.shape[:2] != (size, size):  # at SxS PIL's resize returns the same pixels: skip the round trip
-                    image = Image.fromarray(image)
+                image = Image.fromarray(image)
             elif not isinstance(image, Image.Image):
                 raise TypeError(f"image must be a numpy uint8 HxWx3 array or a PIL image, got {type(image).__name__}")
-            if isinstance(image, Image.Image):
-                image = image if image.mode == "RGB" else image.convert("RGB")  # convert copies even RGB -> RGB
-                image = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.uint8)
-            # to_tensor (uint8 -> float, / 255) into the first view's channels, copied to the other views, then
-            # (x - m) / s per channel: the processor's arithmetic, written in place (fewer passes over the image)
-            image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)  # torch wants writable
-            row[:3].copy_(torch.from_numpy(image).permute(2, 0, 1)).div_(255.0)
-            for view in range(1, len(row) // 3):
-                row[3 * view:3 * view + 3].copy_(row[:3])
-            row.sub_(mean).div_(std)
-        return out
+            image = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC))
+            out.append(to_pixel_values(image, self.config.image_norm))
+        return torch.stack(out)
 
     def prompt_ids(self, instruction: str) -> list[int]:
-        """Token ids predict_action feeds the model: the prompt with BOS, then "▁" (29871) unless already last.
-
-        Training put the lone "▁" between "Out:" and the action tokens, so inference appends it (REFERENCE.md 5.3).
-        """
-        # A robot sends the same instruction at every control step, and tokenizing it through transformers costs
-        # ~0.3 ms (3% of the tiny model's whole predict_action), so the ids are remembered per instruction. The
-        # memo belongs to one tokenizer object: train.py and finetune.py assign vla.tokenizer after building.
-        memo = self._prompt_ids
-        if memo.get(None) is not self.tokenizer or len(memo) > 1024:
-            memo.clear()
-            memo[None] = self.tokenizer
-        ids = memo.get(instruction)  # one lookup: serve.py's threads may clear the memo between two
-        if ids is None:
-            ids = self.tokenizer(build_prompt(instruction)).input_ids
-            empty = empty_piece_id(self.tokenizer)
-            ids = memo[instruction] = tuple(ids if ids[-1] == empty else ids + [empty])
-        return list(ids)
+        """The prompt's ids with BOS, then the lone "▁" (29871) unless already last: training put it between "Out:"
+        and the action tokens, so predict_action inserts it (prismatic/extern/hf/modeling_prismatic.py)."""
+        ids = self.tokenizer(build_prompt(instruction)).input_ids
+        empty = empty_piece_id(self.tokenizer)
+        return ids if ids[-1] == empty else ids + [empty]
 
     @torch.inference_mode()
     def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int, use_cache: bool = True):
@@ -588,7 +552,8 @@ class VLA(nn.Module):
         then wrist), proprio holds B raw robot states, center_crop as OFT's eval flag (oft.predict_chunks).
         """
         if len(images) != len(instructions) or not images:
-            raise ValueError(f"got {len(images)} images and {len(instructions)} instructions; need the same number, >= 1")
+            raise ValueError(f"got {len(images)} images and {len(instructions)} instructions; need the same number, "
+                             ">= 1")
         keys = unnorm_key if isinstance(unnorm_key, (list, tuple)) else [unnorm_key] * len(images)
         keys = [resolve_unnorm_key(self.norm_stats, k) for k in keys]
         dims = {action_dim(self.norm_stats, k) for k in keys}
@@ -599,9 +564,8 @@ class VLA(nn.Module):
         if proprio is not None:
             raise ValueError("proprio= is for OFT models (with an action_head--*_checkpoint.pt); this one has none")
         ids = self.generate(self.preprocess(images), [self.prompt_ids(s) for s in instructions], dims.pop())
-        rows = [token_ids_to_actions(self.action_tokenizer, row, self.norm_stats[k]["action"])
-                for row, k in zip(ids.tolist(), keys)]
-        return np.array(rows, dtype=np.float64).reshape(len(keys), -1)
+        normalized = self.action_tokenizer.decode(ids.numpy())  # (B, action_dim) in [-1, 1]
+        return np.stack([unnormalize_actions(row, self.norm_stats, k) for row, k in zip(normalized, keys)])
 
     def predict_action(self, image, instruction: str, unnorm_key: str | None = None, proprio=None) -> np.ndarray:
         """One image + instruction -> (action_dim,) action, as the original's predict_action(do_sample=False);

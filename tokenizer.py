@@ -38,7 +38,6 @@ class ActionTokenizer:
         # 255 centers, so the top two token ids decode to the same value (+0.996). Released checkpoints were trained
         # with exactly this mapping, so we keep it.
         self.bin_centers = (self.bins[:-1] + self.bins[1:]) / 2.0
-        self.centers_list = self.bin_centers.tolist()  # the same float64 values, for token_ids_to_actions
         self.begin_idx = vocab_size - (n_bins + 1)  # 31743: action tokens are the ids > begin_idx (metric mask)
 
     def encode(self, actions) -> np.ndarray:
@@ -76,26 +75,6 @@ def unnormalize_actions(normalized, norm_stats: dict, unnorm_key: str) -> np.nda
     mask = np.asarray(s.get("mask", np.ones_like(q01, dtype=bool)), dtype=bool)
     x = np.asarray(normalized, dtype=np.float64)
     return np.where(mask, 0.5 * (x + 1.0) * (q99 - q01) + q01, x)
-
-
-def token_ids_to_actions(action_tokenizer: ActionTokenizer, ids: list[int], stats: dict) -> list[float]:
-    """One row of generated ids -> un-normalized action: ActionTokenizer.decode then unnormalize_actions, the same
-    float64 arithmetic in the same order (a test checks every id against that pair), on Python floats.
-
-    predict_action's last step. For 7 numbers numpy's per-call cost dominates, and right after the model's forward
-    (caches cold) the vectorized pair took ~0.3 ms, 3% of the tiny model's predict_action; this takes ~0.07 ms.
-    `stats` is one entry's "action" dict.
-    """
-    centers, top = action_tokenizer.centers_list, len(action_tokenizer.bin_centers) - 1
-    mask = stats.get("mask")
-    out = []
-    for j, token in enumerate(ids):
-        x = centers[min(max(action_tokenizer.vocab_size - int(token) - 1, 0), top)]
-        if mask is None or bool(mask[j]):
-            low, high = float(stats["q01"][j]), float(stats["q99"][j])
-            x = 0.5 * (x + 1.0) * (high - low) + low
-        out.append(x)
-    return out
 
 
 def resolve_unnorm_key(norm_stats: dict, unnorm_key: str | None) -> str:

@@ -251,9 +251,9 @@ def random_init(seed: int):
 
 @torch.no_grad()
 def action_metrics(out, labels, begin_idx: int, decode) -> torch.Tensor:
-    """The original's metrics (prismatic/training/strategies/base_strategy.py) on a supervised_logits_only output,
-    as device-side sums (no host sync): [loss, correct action tokens, action tokens, L1 of de-tokenized actions,
-    1 micro-batch, examples]."""
+    """The original's metrics (prismatic/training/strategies/base_strategy.py) on a forward with labels (logits at
+    the supervised positions only), as device-side sums (no host sync): [loss, correct action tokens, action tokens,
+    L1 of de-tokenized actions, 1 micro-batch, examples]."""
     gt = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,) in the logits' row order
     preds, mask = out.logits.argmax(-1), gt > begin_idx  # action tokens: not EOS, not prompt
     l1 = (decode[preds] - decode[gt]).abs()[mask].sum()
@@ -459,8 +459,8 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             # Reduce-scatter only after the last micro-batch; before it, FSDP keeps each block's unsharded gradient,
             # upcast to fp32 (reduce_dtype), and adds to it. That costs memory: a full fp32 gradient per rank.
             vla.set_requires_gradient_sync(micro == accumulation - 1)
-            out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                      supervised_logits_only=True)  # logits (N, V) at the N supervised positions only
+            # with labels, out.logits is (N, V): only the N supervised positions
+            out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
             # Each .backward() adds into .grad, and FSDP averages over ranks; dividing each micro-batch's mean loss by
             # A makes the step's gradient the mean over all A x world micro-batches = one global batch when every
             # example has the same number of supervised tokens (action_dim + EOS, as here).
