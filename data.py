@@ -1,12 +1,10 @@
 """RLDS robot episodes -> tokenized, augmented training batches, exactly as OpenVLA trains on them.
 
-    python demo.py --data-dir demo_data                           # write the demo task as an RLDS dataset
     python data.py --data-root demo_data --data-mix nanovla_demo  # statistics and a few tokenized frames
-    python data.py --data-root ../shared/data --data-mix bridge_orig
 
 The path of one frame (the original's prismatic/vla/datasets/rlds/*):
     <data_root>/<name>/<version>/*.tfrecord  --tfds, images left encoded-->  episode (steps as numpy arrays)
-    --DATASETS[name]: standardize-->  {image, action (T, 7) with gripper 1 = open, instruction}
+    --standardize by oxe.DATASETS[name]-->  {image, action (T, 7) with gripper 1 = open, instruction, proprio}
     --normalize (q01/q99, gripper masked)-->  frames  --mixture sampler by weight-->  shuffle buffer of *encoded*
     frames  --decode, Lanczos resize, optional augmentation (TF ops)-->  tokenize (tokenizer.py)  -->  collate
 
@@ -31,7 +29,6 @@ import json
 import os
 import sys
 import threading
-import types
 import zlib
 from pathlib import Path
 
@@ -193,10 +190,9 @@ def standardize(name: str, episode: dict, where: str) -> dict:
     out = layout.fn(steps, out) if layout.fn else out
     if out["action"].shape[1:] != (ACTION_DIM,):
         raise DataError(f"{where}: standardized action has shape {out['action'].shape}, expected (T, {ACTION_DIM})")
-    if not len(out["image"]) == len(out["instruction"]) == len(out["action"]) == len(out["proprio"]):
-        raise DataError(f"{where}: standardization gave {len(out['image'])} images, {len(out['instruction'])} "
-                        f"instructions, {len(out['action'])} actions and {len(out['proprio'])} states; expected one "
-                        "of each per step")
+    if len({len(out[k]) for k in ("image", "instruction", "action", "proprio")}) > 1:
+        raise DataError(f"{where}: standardization gave " + ", ".join(f"{len(out[k])} {k}" for k in out) +
+                        "; expected one of each per step")
     return out
 
 
@@ -239,10 +235,10 @@ def _unreadable_file(builder) -> str | None:
 def quantile(x: np.ndarray, q: float) -> np.ndarray:
     """np.quantile(x, q, axis=0) of float32 columns as numpy 1.26 computed it for the original (numpy 2 returns
     float32): the step between the two neighbours in float32, the linear interpolation in float64."""
-    s = np.sort(x, axis=0)
-    index = (len(s) - 1) * q
-    lo, t = int(np.floor(index)), index - np.floor(index)
-    hi, step = min(lo + 1, len(s) - 1), (s[min(lo + 1, len(s) - 1)] - s[lo]).astype(np.float64)
+    s, index = np.sort(x, axis=0), (len(x) - 1) * q
+    lo = int(index)
+    hi, t = min(lo + 1, len(s) - 1), index - lo
+    step = (s[hi] - s[lo]).astype(np.float64)
     return s[hi] - step * (1 - t) if t >= 0.5 else s[lo] + step * t
 
 
@@ -297,12 +293,8 @@ def dataset_statistics(builder, name: str) -> dict:
 
 def load_norm_stats(data_root, data_mix: str) -> dict:
     """{dataset: statistics + action mask} of a mixture: what checkpoints carry as norm_stats."""
-    return {name: _with_mask(dataset_statistics(open_dataset(data_root, name), name))
-            for name, _ in resolve_mixture(data_mix)}
-
-
-def _with_mask(stats: dict) -> dict:
-    return {**stats, "action": {**stats["action"], "mask": ACTION_MASK}}
+    stats = {name: dataset_statistics(open_dataset(data_root, name), name) for name, _ in resolve_mixture(data_mix)}
+    return {name: {**s, "action": {**s["action"], "mask": ACTION_MASK}} for name, s in stats.items()}
 
 
 def save_dataset_statistics(norm_stats: dict, path) -> None:
@@ -361,21 +353,15 @@ def random_resized_crop(x, seed):
 # The training stream
 
 
-class CachedTokenizer:
-    """tokenizer(text).input_ids memoized by text, the rest delegated: an episode repeats one instruction in every
-    step, so the prompt is tokenized once, not per frame. The lock: the decode threads share one HF tokenizer, which
-    must not run in two threads at once (its padding/truncation state is shared)."""
+class LockedTokenizer:
+    """The decode threads share one HF tokenizer, which must not run in two threads at once (shared padding state)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.lock = tokenizer, threading.Lock()
-        self.ids = functools.lru_cache(maxsize=1 << 16)(self._ids)
-
-    def _ids(self, text: str) -> tuple:
-        with self.lock:
-            return tuple(self.tokenizer(text).input_ids)
 
     def __call__(self, text: str):
-        return types.SimpleNamespace(input_ids=list(self.ids(text)))  # a fresh list: callers may extend it
+        with self.lock:
+            return self.tokenizer(text)
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
@@ -400,9 +386,9 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self.mixture = resolve_mixture(data_mix)  # fails on unknown / unsupported names before any reading
         self.names = [name for name, _ in self.mixture]
         self.builders = [open_dataset(data_root, name) for name in self.names]
-        self.norm_stats = {n: _with_mask(dataset_statistics(b, n)) for n, b in zip(self.names, self.builders)}
+        self.norm_stats = load_norm_stats(data_root, data_mix)
         self.tokenizer, self.action_tokenizer = tokenizer, ActionTokenizer(tokenizer.vocab_size)
-        self._prompts = CachedTokenizer(tokenizer)
+        self._prompts = LockedTokenizer(tokenizer)
         self.image_size, self.image_norm, self.train = image_size, image_norm, train
         self.image_aug, self.shuffle_buffer_size = image_aug, shuffle_buffer_size
         self.seed, self.rank, self.world = seed, rank, world
@@ -471,14 +457,12 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             yield frame, rng.integers(0, 2**31 - 1, size=2, dtype=np.int32)
 
     def frames(self):
-        """Decoded frames {image uint8 (H, W, 3), action, proprio, instruction, dataset_name}, from the saved position.
-
-        proprio: the dataset's state (the original config's state_obs_keys), unnormalized float32 (P,)."""
+        """Decoded frames {image uint8 (H, W, 3), action, proprio (the config's state keys, raw), instruction,
+        dataset_name}, from the saved position."""
         return self._in_threads(self._decode_frame)
 
     def __iter__(self):
-        # the threads also tokenize and build pixel_values: done on the consumer's thread, they made it the bottleneck
-        # (numpy's gather releases the GIL, so the two threads really share the work)
+        # the threads also tokenize and build pixel_values, which would otherwise bottleneck the consumer's thread
         return self._in_threads(lambda frame, seed: self.example(self._decode_frame(frame, seed)))
 
     def _in_threads(self, work):
@@ -541,9 +525,11 @@ def collate(examples: list[dict], pad_token_id: int = PAD_TOKEN_ID, max_length: 
     labels = pad([e["labels"] for e in examples], batch_first=True, padding_value=IGNORE_INDEX)[:, :max_length]
     # numpy's single-threaded copy, not torch.stack: torch's OpenMP threads would spin against TF's decode threads
     pixel_values = torch.from_numpy(np.stack([e["pixel_values"].numpy() for e in examples]))
-    return {"pixel_values": pixel_values, "input_ids": input_ids,
-            "attention_mask": input_ids.ne(pad_token_id), "labels": labels,
-            "dataset_names": [e["dataset_name"] for e in examples]}
+    batch = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": input_ids.ne(pad_token_id),
+             "labels": labels, "dataset_names": [e["dataset_name"] for e in examples]}
+    if len({e["proprio"].shape for e in examples}) == 1:  # (B, P) raw states, when the datasets' state sizes agree
+        batch["proprio"] = torch.stack([e["proprio"] for e in examples])
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -579,26 +565,18 @@ def write_rlds(data_dir, name: str, features: dict, splits: dict, version: str =
     return Path(builder.data_dir)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class DataConfig:
-    data_root: Path | None = None
+    data_root: Path
     """directory of RLDS datasets (<data_root>/<name>/<version>/): print statistics and a few tokenized frames"""
     data_mix: str = "nanovla_demo"
     """a dataset name (a key of DATASETS) or a mixture (a key of MIXTURES)"""
-    seed: int = 0
-    """seed of the stream"""
 
 
 def main(config: DataConfig):
-    if config.data_root is None:
-        raise SystemExit("pass --data-root DIR (see python data.py --help; python demo.py writes the demo data)")
     from tokenizer import build_text_tokenizer
 
-    ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), shuffle_buffer_size=1000,
-                     seed=config.seed)
+    ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), shuffle_buffer_size=1000)
     print(json.dumps({n: {k: s[k] for k in ("num_transitions", "num_trajectories")} for n, s in ds.norm_stats.items()}))
     for frame, _ in zip(ds.frames(), range(3)):
         print(frame["dataset_name"], repr(frame["instruction"]), np.round(frame["action"], 3).tolist(),

@@ -26,14 +26,11 @@ DEMO_MAX_STEPS = 20  # a rollout's budget; the expert needs at most 2 moves, the
 class DemoEnv:
     """A table with two coloured blocks on a 3 x 3 grid, seen by a wrist camera looking down; "move to the red block".
 
-    The camera moves with the gripper: the image is always centred on the gripper (a dark ring at the image centre),
-    so the table and the blocks pan as it moves. Each block fills one grid cell, 4 x 4 ViT patches of the 224 px view.
-    Actions are OpenVLA's 7-dim: (dx, dy) move the gripper (right, down) by whole cells, each rounded to -1 / 0 / +1
-    cell (DEMO_STEP table units) per step; the 4 rotation / height dims are unused (always 0, so they normalize to 0);
-    the gripper is 1 (open) while moving and 0 when closing on the target. The scripted expert steps one cell per axis
-    towards the target, then closes; so actions are discrete (-1 / 0 / +1 after q01/q99 normalization) and a tiny
-    model only has to read the colour and see on which side of the image centre that colour is. success = the target
-    block under the gripper (the image centre).
+    The image is centred on the gripper (a dark ring) and pans as it moves; a block fills one cell, 4 x 4 ViT patches.
+    Actions are OpenVLA's 7-dim: (dx, dy) move by whole cells, rounded to -1 / 0 / +1 cell per step; the 4 rotation /
+    height dims are always 0; the gripper is 1 (open) while moving and 0 when closing. The scripted expert steps one
+    cell per axis towards the target, then closes: a model has to read the colour and see on which side of the centre
+    that colour is. success = the target block under the gripper.
 
         env = DemoEnv(seed=0); image, instruction = env.reset()
         image, success = env.step(env.expert_action())

@@ -28,10 +28,8 @@ def binarize_gripper_actions(g: np.ndarray) -> np.ndarray:
 
 
 def rel2abs_gripper_actions(g: np.ndarray) -> np.ndarray:
-    """Relative gripper commands (< -0.1 open, > 0.1 close, else no change) -> absolute 1 = open / 0 = closed.
-
-    The state before the first command is the opposite of that command (open if there is none), as the original.
-    """
+    """Relative gripper commands (< -0.1 open, > 0.1 close, else no change) -> absolute 1 = open / 0 = closed; the
+    state before the first command is the opposite of that command (open if there is none), as the original."""
     cmd = np.where(g < -0.1, 1, np.where(g > 0.1, -1, 0))
     nonzero = cmd[cmd != 0]
     state = -nonzero[0] if len(nonzero) else 1
@@ -42,8 +40,7 @@ def rel2abs_gripper_actions(g: np.ndarray) -> np.ndarray:
     return out
 
 
-# A gripper column (T,) in the dataset's own convention -> 1 = open, 0 = closed; computed in the feature's dtype
-# (DROID: float64, then cast), as the original's transforms.py
+# A gripper column (T,) in the dataset's convention -> 1 = open, 0 = closed, in the feature's dtype (transforms.py)
 GRIPPER = {
     "rel2abs": rel2abs_gripper_actions,  # relative +1 close / -1 open commands
     "binarize": binarize_gripper_actions,  # noisy absolute, 1 = open
@@ -57,9 +54,9 @@ GRIPPER = {
 
 
 def euler_from_quaternion(q: np.ndarray) -> np.ndarray:
-    """(T, 4) quaternions (x, y, z, w) -> (T, 3) roll, pitch, yaw as tensorflow_graphics' euler.from_quaternion, which
-    the original calls: every term shrunk by (1 - 2 eps), signed 2 eps added before atan2, |r20| within 1e-6 of 1
-    takes the gimbal-lock branch (third angle 0). float32, with TF's asin/atan2 for the same bits."""
+    """(T, 4) quaternions (x, y, z, w) -> (T, 3) roll, pitch, yaw as tensorflow_graphics' euler.from_quaternion (the
+    original's): terms shrunk by (1 - 2 eps), signed 2 eps added before atan2, |r20| within 1e-6 of 1 is a gimbal lock
+    (third angle 0). float32, with TF's asin/atan2 for the same bits."""
     import tensorflow as tf  # loaded by data.py already
 
     eps, shrink = np.float32(2 * np.finfo(np.float32).eps), np.float32(1 - 2 * np.finfo(np.float32).eps)
