@@ -6,7 +6,7 @@
     python bench.py finetune              # LoRA vs full fine-tuning: peak memory and step time
     python bench.py serve                 # serve.py req/s, p50/p99 at 1/4/16 clients, batched vs one-at-a-time
     python bench.py serve --config.skip-mid   # tiny fixture only (seconds)
-    python bench.py data                  # data.py frames/s vs raw tfds reads, statistics pass, RSS vs shuffle buffer
+    python bench.py data                  # 5-dataset OXE mixture frames/s vs raw tfds reads, RSS vs shuffle buffer
 
 Sub-commands per pipeline stage; each takes one dataclass config (`--config.field-name`).
 """
@@ -334,104 +334,68 @@ def serve_bench(config: ServeBenchConfig):
 
 @dataclass
 class DataBenchConfig:
-    frames: int = 320
-    """frames timed per pipeline figure (after a warm-up batch that fills the shuffle buffer)"""
+    datasets: tuple[str, ...] = ("fractal20220817_data", "taco_play", "viola",
+                                 "furniture_bench_dataset_converted_externally_to_rlds", "droid")
+    """OXE fixture datasets (shared/data/oxe/rlds) mixed with their oxe_magic_soup_plus weights"""
+    frames: int = 640
+    """frames timed per figure, after a warm-up batch that fills the shuffle buffer"""
     batch_size: int = 16
-    """batch of the collated figures and of the tiny model's training step"""
-    demo_episodes: int = 200
-    """episodes of the demo dataset written for the run (224 px PNG frames)"""
     rss_buffers: tuple[int, ...] = (1_000, 10_000, 100_000)
-    """shuffle-buffer sizes (frames) whose resident memory is measured, one fresh process each"""
+    """shuffle-buffer sizes (frames) whose resident memory is measured, one fresh process (= one rank) each"""
 
 
 def rss_mb() -> float:
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
 
 
-def data_rss_probe(root: str, name: str, buffer: int):
+def data_rss_probe(root: str, mix: str, buffer: int):
     """Run in a fresh process: RSS of one rank's stream before and after its shuffle buffer is full."""
     import data
     from tokenizer import build_text_tokenizer
 
-    ds = data.RLDSDataset(root, name, build_text_tokenizer(), shuffle_buffer_size=buffer)
-    stream = ds._stream(np.random.default_rng(0))
-    before, t = rss_mb(), time.perf_counter()
-    (_, image, *_), _ = next(stream)  # the first output comes once the buffer holds `buffer` encoded frames
-    print(json.dumps({"before": before, "after": rss_mb(), "seconds": time.perf_counter() - t, "image_bytes": len(image)}))
+    ds = data.RLDSDataset(root, mix, build_text_tokenizer(), shuffle_buffer_size=buffer)
+    stream, before = ds._stream(np.random.default_rng(0)), rss_mb()
+    next(stream)  # the first output comes once the buffer holds `buffer` encoded frames
+    print(json.dumps({"before": before, "after": rss_mb()}))
 
 
 def data_bench(config: DataBenchConfig):
     import data  # loads torch._dynamo before tensorflow (see data.py)
-    import demo
     import tensorflow_datasets as tfds
-    from model import VLA
     from tokenizer import build_text_tokenizer
 
-    root = Path(tempfile.mkdtemp(prefix="nanovla_bench_"))
-    (root / "bridge_orig" / "1.0.0").mkdir(parents=True)  # file links: the statistics cache is written here
-    for f in (ROOT.parent / "shared" / "data" / "bridge_dataset" / "1.0.0").iterdir():
-        (root / "bridge_orig" / "1.0.0" / f.name).symlink_to(f)
-    demo.make_demo(root, episodes=config.demo_episodes)
-    tokenizer, n = build_text_tokenizer(), config.frames
-    print(f"machine: {machine()}")
-    print(f"data.py at 224 px, batch {config.batch_size}, shuffle buffer 1000; bridge_orig = the 25+25-episode "
-          f"BridgeData sample (64 px JPEG, 4 cameras), nanovla_demo = {config.demo_episodes} demo episodes (224 px PNG)")
-    print("  pipeline frames/s = batches out of DataLoader(RLDSDataset, collate) after a warm-up batch: read, standardize, "
-          "normalize, shuffle, decode, resize to 224 (exact no-op, skipped, for the 224 px demo), [augment], tokenize, "
-          "pixel_values, collate\n  raw tfds steps/s = tfds.as_numpy(builder.as_dataset('train')), every feature "
-          "decoded (all cameras, stored size), nothing else; same files, same process")
-    fps = {}
-    for name in ("bridge_orig", "nanovla_demo"):
-        builder = data.open_dataset(root, name)
-        # baseline: plain tfds reading of the same train split (every feature decoded, all cameras), steps/s
-        t, steps = time.perf_counter(), 0
-        while steps < n:
-            for episode in tfds.as_numpy(builder.as_dataset(split="train")):
-                steps += len(episode["steps"]["action"]) if isinstance(episode["steps"], dict) else sum(1 for _ in episode["steps"])
-        raw = steps / (time.perf_counter() - t)
-        t = time.perf_counter()
-        for _ in tfds.as_numpy(builder.as_dataset(split="all")):
-            pass
-        raw_all = time.perf_counter() - t
-        t = time.perf_counter()
-        stats = data.compute_statistics(builder, name)
-        report(f"{name} statistics pass ({stats['num_transitions']} steps)", time.perf_counter() - t, "s",
-               "tfds read of split all", raw_all)
-        for aug in (False, True):
-            ds = data.RLDSDataset(root, name, tokenizer, image_aug=aug, shuffle_buffer_size=1000)
-            loader = iter(torch.utils.data.DataLoader(ds, batch_size=config.batch_size, collate_fn=data.collate))
-            next(loader)  # fills the shuffle buffer, traces the tf.functions
-            t, frames = time.perf_counter(), 0
-            while frames < n:
-                frames += len(next(loader)["input_ids"])
-            fps[name, aug] = frames / (time.perf_counter() - t)
-            report(f"{name} pipeline frames/s, augmentation {'on' if aug else 'off'}", fps[name, aug], "frames/s",
-                   "raw tfds steps/s", raw)
-    # the consumer: one training step of the tiny model (fp32 CPU, AdamW) on a demo batch
-    vla = VLA.build("tiny", dtype=torch.float32)
-    ds = data.RLDSDataset(root, "nanovla_demo", tokenizer, image_norm=vla.config.image_norm, shuffle_buffer_size=100)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=config.batch_size, collate_fn=data.collate)))
-    opt = torch.optim.AdamW([p for p in vla.parameters() if p.requires_grad], lr=1e-3)
-
-    def train_step():
-        vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    model_fps = config.batch_size / timeit(train_step, reps=5)
-    report("demo pipeline (aug off) vs tiny-model training", fps["nanovla_demo", False], "frames/s",
-           "tiny model train frames/s", model_fps)
+    root, weights = Path(tempfile.mkdtemp(prefix="nanovla_bench_")), dict(data.resolve_mixture("oxe_magic_soup_plus"))
+    for name in config.datasets:  # file links: the statistics cache is written next to them
+        src = next((ROOT.parent / "shared" / "data" / "oxe" / "rlds" / name).iterdir())
+        shutil.copytree(src, root / name / src.name, copy_function=os.symlink)
+    mix = ",".join(f"{n}:{weights[n]}" for n in config.datasets)
+    print(f"machine: {machine()}\ndata.py at 224 px, batch {config.batch_size}, shuffle buffer 1000, mixture {mix}")
+    print("  pipeline frames/s = batches out of DataLoader(RLDSDataset, collate): read, standardize, normalize, mix, "
+          "shuffle, decode, resize to 224, [augment], tokenize, pixel_values, collate\n  raw tfds steps/s = "
+          "tfds.as_numpy(builder.as_dataset('train')) of the same files, every feature decoded, nothing else")
+    builders, t, steps = [data.open_dataset(root, n) for n in config.datasets], time.perf_counter(), 0
+    while steps < config.frames:
+        for builder in builders:
+            steps += sum(sum(1 for _ in ep["steps"]) for ep in tfds.as_numpy(builder.as_dataset(split="train")))
+    raw = steps / (time.perf_counter() - t)
+    for aug in (False, True):
+        ds = data.RLDSDataset(root, mix, build_text_tokenizer(), image_aug=aug, shuffle_buffer_size=1000)
+        loader = iter(torch.utils.data.DataLoader(ds, batch_size=config.batch_size, collate_fn=data.collate))
+        next(loader)  # fills the shuffle buffer, traces the tf.functions
+        t, frames = time.perf_counter(), 0
+        while frames < config.frames:
+            frames += len(next(loader)["input_ids"])
+        report(f"{len(config.datasets)}-dataset mixture frames/s, augmentation {'on' if aug else 'off'}",
+               frames / (time.perf_counter() - t), "frames/s", "raw tfds steps/s", raw)
     for buffer in config.rss_buffers:
-        out = subprocess.run([sys.executable, "-c", f"import bench; bench.data_rss_probe({str(root)!r}, 'bridge_orig', {buffer})"],
-                             capture_output=True, text=True, cwd=ROOT)
+        probe = f"import bench; bench.data_rss_probe({str(root)!r}, {mix!r}, {buffer})"
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             print(out.stderr[-2000:])
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        grown = r["after"] - r["before"]
-        decoded = buffer * 224 * 224 * 3 / 2**20  # the original's buffer: decoded 224 px frames
-        report(f"RSS per rank, shuffle buffer {buffer} frames (+{grown:.0f} MB, {grown * 2**20 / buffer / 1024:.1f} KB/frame)",
-               r["after"], "MB", "decoded-frame buffer alone", decoded)
+        report(f"RSS growth per rank, shuffle buffer {buffer} frames (process {r['after']:.0f} MB)",
+               r["after"] - r["before"], "MB", "the original's decoded 224 px frames", buffer * 224 * 224 * 3 / 2**20)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -218,14 +218,13 @@ def read_episodes(builder, name: str, split: str, shuffle_seed: int | None = Non
 
 
 def _unreadable_file(builder) -> str | None:
-    """The first tfrecord of the dataset whose records fail their checksums."""
+    """The first tfrecord of the dataset whose records fail their checksums (None: all pass)."""
     for path in sorted(tf.io.gfile.glob(f"{builder.data_dir}/*.tfrecord*")):
         try:
             for _ in tf.data.TFRecordDataset(path):
                 pass
         except tf.errors.OpError:
             return path
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

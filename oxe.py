@@ -136,10 +136,9 @@ class Layout:
     wrist: str | None = None  # observation/<key> of the wrist camera, when it is read
 
 
-RTX = "observation/natural_language_instruction"  # the RT-X datasets keep the instruction in the observation
+RTX, S = "observation/natural_language_instruction", "observation/state"  # the RT-X datasets' instruction
 WV_RD = ("action/world_vector", "action/rotation_delta")  # their movement
-LIBERO = Layout(proprio=("observation/state[:6]", "observation/state[-2:]"), wrist="wrist_image")
-S = "observation/state"
+LIBERO = Layout(proprio=(f"{S}[:6]", f"{S}[-2:]"), wrist="wrist_image")
 
 # Dataset name (the directory under data_root) -> its Layout; the OXE ones as OpenVLA's oxe/configs.py
 DATASETS = {
