@@ -78,9 +78,9 @@ class InferConfig:
     reps: int = 5
     """timed repetitions per figure (median reported); the mid config uses max(1, reps // 3)"""
     skip_mid: bool = False
-    """skip the mid config (real-size ViTs + ~1B LLM: tens of seconds per action on a 2-core CPU)"""
+    """skip the mid config (real-size ViTs + ~1B LLM: seconds per action on a 2-core CPU)"""
     skip_memory: bool = False
-    """skip the from_pretrained peak-RSS measurement (writes a ~1.1 GB checkpoint to a temp dir)"""
+    """skip the 1.1 GB checkpoint's load time and peak RSS (writes it to a temp dir)"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -91,14 +91,12 @@ def module_floor(vla, pixel_values, prompt_ids, n_tokens):
     from model import KVCache
 
     llm, cfg = vla.language_model, vla.config.llm
-    ids = torch.tensor([prompt_ids], device=pixel_values.device)
-    x = vla.embed(pixel_values, ids)
+    x = vla.embed(pixel_values, torch.tensor([prompt_ids], device=pixel_values.device))
     L = x.shape[1]
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads or cfg.num_attention_heads, L + n_tokens,
                     cfg.hidden_size // cfg.num_attention_heads, x.dtype, x.device)
     pos = torch.arange(L, device=x.device)[None]
-    h = llm.model(x, pos, None, cache)
-    token = llm.lm_head(h[:, -1]).argmax(-1)
+    token = llm.lm_head(llm.model(x, pos, None, cache)[:, -1]).argmax(-1)
     for step in range(n_tokens - 1):
         h = llm.model(llm.model.embed_tokens(token)[:, None], pos[:, -1:] + 1 + step, None, cache)
         token = llm.lm_head(h[:, -1]).argmax(-1)
@@ -106,18 +104,15 @@ def module_floor(vla, pixel_values, prompt_ids, n_tokens):
 
 
 def bench_predict(name, vla, reps, device, frame=(224, 224)):
-    """frame: the camera image's (H, W). At 224 x 224 predict_action skips the resize (PIL returns the same pixels);
-    any other size pays PIL's bicubic resize, which the floor (modules only) does not include."""
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (*frame, 3), dtype=np.uint8)
-    key = sorted(vla.norm_stats)[0]
-    instruction = "pick up the cup"
+    """frame: the camera image's (H, W); predict_action pays PIL's resize (and the prompt's tokenization, the
+    decode), which the floor (modules only) does not include."""
+    image = np.random.default_rng(0).integers(0, 256, (*frame, 3), dtype=np.uint8)
+    key, instruction = sorted(vla.norm_stats)[0], "pick up the cup"
     pixel_values = vla.preprocess([image]).to(device=device, dtype=next(vla.parameters()).dtype)
     prompt = vla.prompt_ids(instruction)
     floor, full = timeit_pair(lambda: module_floor(vla, pixel_values, prompt, 7),
                               lambda: vla.predict_action(image, instruction, key), reps)
-    report(f"{name}: predict_action latency, {frame[1]}x{frame[0]} frame", full * 1e3, "ms", "module floor", floor * 1e3)
-    return full
+    report(f"{name}: predict_action, {frame[1]}x{frame[0]} frame", full * 1e3, "ms", "module floor", floor * 1e3)
 
 
 def bench_batch(name, vla, reps, batch=8):
@@ -127,34 +122,49 @@ def bench_batch(name, vla, reps, batch=8):
     key = sorted(vla.norm_stats)[0]
     sequential, batched = timeit_pair(lambda: [vla.predict_action(i, t, key) for i, t in zip(images, texts)],
                                       lambda: vla.predict_actions(images, texts, key), reps)
-    report(f"{name}: actions/s at batch {batch}", batch / batched, "act/s", f"{batch} sequential calls", batch / sequential)
+    report(f"{name}: actions/s at batch {batch}", batch / batched, "act/s", f"{batch} sequential calls",
+           batch / sequential)
 
 
-def rss_of_load(path, dtype) -> dict:
-    """Load in a fresh process and report its peak RSS before and after from_pretrained.
+# A fresh process (after `import torch`) times one load, imports it triggers included, and reports its peak-RSS growth
+# (VmHWM, not getrusage: Linux carries ru_maxrss across fork + exec, so a child would report the parent's peak).
+LOAD_PROBE = """
+import glob, json, sys, time, torch
+hwm = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
+base, t = hwm(), time.perf_counter()
+if sys.argv[2] == "plain":
+    from safetensors.torch import load_file
+    tensors = [load_file(f) for f in sorted(glob.glob(sys.argv[1] + "/*.safetensors"))]
+else:
+    from model import VLA
+    vla = VLA.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+print(json.dumps({"s": time.perf_counter() - t, "grown": hwm() - base}))
+"""
 
-    VmHWM of /proc/self/status, not getrusage: Linux carries ru_maxrss across fork + exec, so a child would report
-    the parent's peak (the parent has just built the checkpoint).
-    """
-    code = (
-        "import sys, json, torch; from model import VLA; import transformers; "
-        "hwm = lambda: int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))); "
-        "base = hwm(); "
-        f"vla = VLA.from_pretrained(sys.argv[1], dtype=torch.{dtype}); "
-        "print(json.dumps({'base_kb': base, 'peak_kb': hwm()}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+def bench_load(name, path, reps):
+    """VLA.from_pretrained (config, tokenizer, strict checks, bf16 weights) vs safetensors' load_file of the same
+    shards, each the first load in a fresh process, alternated; bf16 both, so neither converts dtypes."""
+    runs = {"plain": [], "ours": []}
+    for _ in range(reps + 1):  # the first pair warms the page cache
+        for how in runs:
+            out = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(path), how], cwd=ROOT, capture_output=True,
+                                 text=True, check=True)
+            runs[how].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    plain, ours = (statistics.median(r["s"] for r in runs[how][1:]) for how in ("plain", "ours"))
+    report(f"{name}: from_pretrained, first in a process", ours * 1e3, "ms", "plain safetensors load", plain * 1e3)
+    return max(r["grown"] for r in runs["ours"])
 
 
 def infer(config: InferConfig):
-    """predict_action latency vs the module floor; batch-8 throughput vs sequential; from_pretrained peak RSS."""
+    """predict_action latency vs the module floor; batch-8 throughput vs sequential; load time and peak RSS."""
     from dataclasses import replace
 
     from model import CONFIGS, VLA, LlamaConfig
 
     print(f"machine: {machine()}")
     print("tiny fixture (../shared/fixtures/openvla-tiny), fp32:")
+    bench_load("tiny bf16", FIXTURE, config.reps)
     tiny = VLA.from_pretrained(FIXTURE, dtype=torch.float32, device=config.device)
     bench_predict("tiny fp32", tiny, config.reps, config.device)
     bench_predict("tiny fp32", tiny, config.reps, config.device, frame=(480, 640))  # the fixture's camera-sized case 2
@@ -178,12 +188,9 @@ def infer(config: InferConfig):
             big.save_pretrained(Path(tmp) / "ckpt", max_shard_bytes=512 * 2**20)
             del big
             size = sum(f.stat().st_size for f in (Path(tmp) / "ckpt").glob("*.safetensors"))
-            r = rss_of_load(Path(tmp) / "ckpt", "bfloat16")
-            grown = (r["peak_kb"] - r["base_kb"]) * 1024
-            print(f"from_pretrained of a {size / 1e9:.2f} GB bf16 checkpoint (3 shards), fresh process:")
-            report("peak RSS growth during load", grown / 1e9, "GB", "checkpoint size", size / 1e9)
-            print(f"  (process peak RSS {r['peak_kb'] * 1024 / 1e9:.2f} GB including {r['base_kb'] * 1024 / 1e9:.2f} GB of "
-                  f"imports before the load)")
+            print(f"a {size / 1e9:.2f} GB bf16 checkpoint (3 shards), fresh processes:")
+            grown = bench_load("1.1 GB bf16", Path(tmp) / "ckpt", max(1, config.reps // 2))
+            report("peak RSS growth during from_pretrained", grown / 1e9, "GB", "checkpoint size", size / 1e9)
 
 
 # ----------------------------------------------------------------------------------------------------------------

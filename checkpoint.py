@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 import oft
 from model import BACKBONES, CONFIGS, VLA, LlamaConfig, ViTConfig, VLAConfig
-from tokenizer import MAX_TEXT_TOKENS, PAD_TOKEN
+from tokenizer import MAX_TEXT_TOKENS, PAD_TOKEN, TextTokenizer
 
 
 class CheckpointError(ValueError):
@@ -111,15 +111,16 @@ def read_tensor(headers: dict, key: str, rows: tuple[int, int] | None = None) ->
         return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
 
 
-def load_weights(vla: torch.nn.Module, headers: dict):
-    """Every tensor into its (already allocated) parameter or buffer, converting dtype and device on the copy."""
-    state = vla.state_dict()
-    bar = _bytes_bar(sum(dtype.itemsize * _numel(shape) for _, dtype, shape in headers.values()), "loading weights")
-    with torch.no_grad():
-        for key, (_, dtype, shape) in headers.items():
-            state[key].copy_(read_tensor(headers, key))
-            bar.update(dtype.itemsize * _numel(shape))
+def load_weights(vla: torch.nn.Module, headers: dict, dtype: torch.dtype, device):
+    """Each tensor read, cast to dtype on device, and assigned in place of the meta model's placeholder (no
+    to_empty: nothing is allocated twice, and meta empty_like would import torch's symbolic-shape machinery)."""
+    state = {}
+    bar = _bytes_bar(sum(s.itemsize * _numel(shape) for _, s, shape in headers.values()), "loading weights")
+    for key, (_, stored, shape) in headers.items():
+        state[key] = read_tensor(headers, key).to(device=device, dtype=dtype)
+        bar.update(stored.itemsize * _numel(shape))
     bar.close()
+    vla.load_state_dict(state, assign=True)
 
 
 def _numel(shape):
@@ -301,20 +302,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "added_tokens.json")
 
 
-def load_text_tokenizer(path):
-    """The Llama-2 fast tokenizer (plus <PAD> = 32000) of a checkpoint directory. Read as a plain fast tokenizer:
-    transformers' AutoTokenizer would consult config.json's auto_map, which points at code we never run."""
-    path = Path(path)
-    if not (path / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{path}: no tokenizer.json; a checkpoint directory needs its tokenizer")
-    from transformers import PreTrainedTokenizerFast
+def load_text_tokenizer(path) -> TextTokenizer:
+    """The Llama-2 tokenizer (plus <PAD> = 32000) of a checkpoint directory, from its tokenizer.json."""
+    from tokenizers import Tokenizer
 
+    file = Path(path) / "tokenizer.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{path}: no tokenizer.json; a checkpoint directory needs its tokenizer")
     try:
-        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        tok = TextTokenizer(Tokenizer.from_file(str(file)))
     except Exception as e:  # the tokenizers library reports a garbled file without naming it
-        raise CheckpointError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+        raise CheckpointError(f"{file}: not a readable tokenizer ({e})") from None
     if tok.pad_token_id is None:
-        raise CheckpointError(f"{path}: tokenizer has no pad token; OpenVLA expects {PAD_TOKEN} as id 32000")
+        raise CheckpointError(f"{file}: tokenizer has no pad token; OpenVLA expects {PAD_TOKEN} as id 32000")
     return tok
 
 

@@ -589,7 +589,7 @@ class VLA(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", timm_overrides=None):
         """Load a released-layout OpenVLA directory: config.json + safetensors (+ tokenizer). Runs no code from the
-        directory and unpickles nothing. Built on the meta device, then each tensor is read straight into its
+        directory and unpickles nothing. Built on the meta device, then each tensor is read, cast and assigned as its
         parameter, so a bf16 checkpoint never exists as an fp32 copy."""
         import checkpoint  # imported here: checkpoint.py reads this file's configs
 
@@ -600,9 +600,8 @@ class VLA(nn.Module):
         with torch.device("meta"):
             vla = cls(config)  # 1) shapes only
         checkpoint.check_state(headers, {k: v.shape for k, v in vla.state_dict().items()}, path)
-        vla = vla.to(dtype).to_empty(device=device)  # 2) allocate storage in the target dtype, uninitialized
-        checkpoint.load_weights(vla, headers)  # 3) real numbers, straight from the files
-        oft.load_heads(vla, path, dtype, device)  # 4) OFT's action head and proprio projector, if present
+        checkpoint.load_weights(vla, headers, dtype, device)  # 2) real numbers, straight from the files
+        oft.load_heads(vla, path, dtype, device)  # 3) OFT's action head and proprio projector, if present
         vla.tokenizer, vla.tokenizer_dir = tokenizer, path
         return vla.eval()
 

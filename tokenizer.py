@@ -10,6 +10,8 @@ The numbers follow the original OpenVLA (prismatic/vla/action_tokenizer.py, REFE
     token id  -->  d = 32000 - id  -->  bin center k = clip(d - 1, 0, 254)  -->  value in [-0.996, 0.996]
 """
 
+from types import SimpleNamespace
+
 import numpy as np
 
 N_ACTION_BINS = 256  # OpenVLA: n_action_bins in config.json
@@ -97,7 +99,30 @@ def action_dim(norm_stats: dict, unnorm_key: str) -> int:
 # Text tokenizer
 
 
-def build_text_tokenizer():
+class TextTokenizer:
+    """The Llama-2 tokenizer as the `tokenizers` library runs it from tokenizer.json, with the few names of
+    transformers' tokenizer API that OpenVLA uses (without importing transformers, which is most of a load)."""
+
+    def __init__(self, backend):
+        self.backend_tokenizer = backend
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = map(backend.token_to_id, ("<s>", "</s>", PAD_TOKEN))
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=False)  # 32000: without <PAD>
+        self.model_max_length = MAX_TEXT_TOKENS
+
+    def __call__(self, text: str, add_special_tokens=True):  # -> .input_ids, as transformers' BatchEncoding
+        return SimpleNamespace(input_ids=self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def __len__(self):
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.backend_tokenizer.token_to_id(token)
+
+
+def build_text_tokenizer() -> TextTokenizer:
     """A Llama-2-shaped character-level tokenizer built locally (no download), for small configs and the demo.
 
     Same ids as Llama-2 where OpenVLA depends on them: <unk> 0, <s> 1, </s> 2, bytes <0x00>..<0xFF> at 3..258
@@ -106,7 +131,6 @@ def build_text_tokenizer():
     """
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
@@ -122,10 +146,7 @@ def build_text_tokenizer():
     )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", PAD_TOKEN)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=PAD_TOKEN,
-        padding_side="right", model_max_length=MAX_TEXT_TOKENS, add_bos_token=True, add_eos_token=False,
-    )
+    return TextTokenizer(tok)
 
 
 def empty_piece_id(tokenizer) -> int:
