@@ -727,8 +727,7 @@ def test_data_oxe_golden_statistics_frames_tokens(name, fixture_tokenizer, tmp_p
     raw = np.concatenate([ep["action"] for ep in episodes if any(ep["instruction"])])
     np.testing.assert_allclose(raw, np.load(golden / "actions_raw.npy"), atol=1e-6)
     rows = [d["raw_index"] for d in detail]  # proprio as the config's state keys load it, per yielded frame
-    np.testing.assert_allclose(np.stack([f["proprio"] for f in frames]), np.load(golden / "proprio_raw.npy")[rows],
-                               atol=1e-6)
+    np.testing.assert_allclose(batch["proprio"].numpy(), np.load(golden / "proprio_raw.npy")[rows], atol=1e-6)
 
 
 def test_data_golden_augmentation_is_exact():
