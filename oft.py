@@ -207,7 +207,7 @@ def forward(vla, pixel_values, input_ids, attention_mask, action_mask, proprio=N
     B, L, _ = x.shape
     n_prefix = L - input_ids.shape[1]  # patches (+ proprio)
     key_valid = torch.cat([attention_mask.new_ones(B, n_prefix + 1), attention_mask[:, 1:]], dim=1).bool()
-    # The fork's SDPA attention: every query attends to every non-pad key (no causal mask; a bool mask never is)
+    # The fork's SDPA attention: every query sees every non-pad key (model.py is causal only when given no mask)
     hidden = vla.language_model.model(x, torch.arange(L, device=x.device)[None].expand(B, L), key_valid[:, None, None])
     actions_hidden = hidden[:, n_prefix - 1:L - 1][action_mask].reshape(B, -1, hidden.shape[-1])
     return vla.action_head(actions_hidden), actions_hidden
