@@ -11,6 +11,8 @@
 Sub-commands per pipeline stage; each takes one dataclass config (`--config.field-name`).
 """
 
+import base64
+import io
 import json
 import math
 import os
@@ -205,60 +207,50 @@ class ServeBenchConfig:
     """requests per measurement on the tiny fixture, one number per entry of clients"""
     mid_requests: tuple[int, ...] = (3, 8, 16)
     """requests per measurement on the mid config (seconds per forward on a CPU), one per entry of clients"""
+    abusers: tuple[int, ...] = (4, 16)
+    """clients sending maximum-size bodies in a loop while one normal client is timed (tiny fixture)"""
     skip_mid: bool = False
     """tiny fixture only (seconds)"""
     max_batch_size: int = 16
     """the batched server's limit; the baseline server runs with 1 (one request at a time, as deploy.py)"""
-    max_wait_ms: float = 25.0
-    """the batched server's batch window (serve.py's default)"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def post(port: int, body: bytes) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/act", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out = r.status, r.read()
+    conn.close()
+    return out
 
 
 def serve_load(port: int, n_clients: int, n_requests: int, bodies: list[bytes]) -> tuple[list[float], float]:
     """n_clients threads share n_requests POST /act, each waiting for its answer -> (latencies in s, wall s)."""
-    import http.client
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
-    lock, todo, latencies, failures = threading.Lock(), list(range(n_requests)), [], []
+    def one(i):
+        t = time.perf_counter()
+        status, data = post(port, bodies[i % len(bodies)])
+        assert status == 200, data[:200]
+        return time.perf_counter() - t
 
-    def client():
-        while True:
-            with lock:
-                if not todo:
-                    return
-                i = todo.pop()
-            t = time.perf_counter()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
-            conn.request("POST", "/act", bodies[i % len(bodies)], {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            data = r.read()
-            conn.close()
-            with lock:
-                latencies.append(time.perf_counter() - t)
-                if r.status != 200:
-                    failures.append(data[:200])
-
-    threads = [threading.Thread(target=client) for _ in range(n_clients)]
     t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.perf_counter() - t
-    assert not failures, failures
-    return latencies, wall
+    with ThreadPoolExecutor(n_clients) as pool:
+        latencies = list(pool.map(one, range(n_requests)))
+    return latencies, time.perf_counter() - t
 
 
-def start_server(checkpoint, dtype: str, device: str, max_batch_size: int, max_wait_ms: float):
+def start_server(checkpoint, *flags: str):
     """`python serve.py` as a user runs it, in its own process -> (process, port). Not in this process: each thread
     that runs torch ops gets an OpenMP team, and two live servers here would mean two teams, past the core count,
     where libgomp stops spinning between parallel regions (serve.py keeps all its torch work on one thread)."""
     import re
     import threading
 
-    cmd = [sys.executable, "serve.py", "--config.checkpoint", str(checkpoint), "--config.port", "0", "--config.dtype",
-           dtype, "--config.device", device, "--config.max-batch-size", str(max_batch_size),
-           "--config.max-wait-ms", str(max_wait_ms)]
+    cmd = [sys.executable, "serve.py", "--config.checkpoint", str(checkpoint), "--config.port", "0", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # until it logs its address
@@ -277,21 +269,22 @@ def get_health(port: int) -> dict:
     return json.loads(conn.getresponse().read())
 
 
-def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, requests: tuple[int, ...]):
-    import signal
-
+def act_bodies(key: str, shape=(256, 256, 3), n=8) -> list[bytes]:
     import json_numpy
 
-    servers = {mode: start_server(checkpoint, dtype, config.device, size, config.max_wait_ms)
+    rng = np.random.default_rng(0)
+    return [json_numpy.dumps({"image": rng.integers(0, 256, shape, dtype=np.uint8), "instruction": f"pick up cup {i}",
+                              "unnorm_key": key}).encode() for i in range(n)]
+
+
+def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, requests: tuple[int, ...]):
+    servers = {mode: start_server(checkpoint, "--config.dtype", dtype, "--config.device", config.device,
+                                  "--config.max-batch-size", str(size))
                for mode, size in (("one-at-a-time", 1), ("batched", config.max_batch_size))}
     print(f"  {'clients':>7} {'mode':<14} {'requests':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10}")
     results = {}
     try:
-        key = get_health(servers["batched"][1])["unnorm_keys"][0]
-        rng = np.random.default_rng(0)
-        bodies = [json_numpy.dumps({"image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
-                                    "instruction": f"pick up the {w} cup", "unnorm_key": key}).encode()
-                  for w in ("red", "blue", "green", "big", "small", "left", "right", "tall")]
+        bodies = act_bodies(get_health(servers["batched"][1])["unnorm_keys"][0])
         for _, port in servers.values():
             serve_load(port, 1, 2, bodies)  # warm-up: the first requests of a fresh process
         for n_clients, n_requests in zip(config.clients, requests, strict=True):
@@ -305,7 +298,7 @@ def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, reques
                       f"{mean_batch:>10.2f}", flush=True)
     finally:
         for proc, _ in servers.values():
-            proc.send_signal(signal.SIGTERM)  # graceful: serve.py finishes what is in flight
+            proc.terminate()  # SIGTERM, graceful: serve.py finishes what is in flight
             proc.wait(60)
     for n_clients in config.clients:
         report(f"{name}: req/s, {n_clients} clients, batched", results[n_clients, "batched"][0], "req/s",
@@ -315,16 +308,62 @@ def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, reques
         report(f"{name}: p99 latency, {config.clients[0]} client, {mode}", p99, "ms", "its p50", p50)
 
 
+def bench_abuse(config: ServeBenchConfig):
+    """A normal client's p50 latency, and the server's memory, while clients send maximum-size bodies in a loop."""
+    import threading
+
+    from PIL import Image
+
+    proc, port = start_server(FIXTURE, "--config.device", config.device)
+    key = get_health(port)["unnorm_keys"][0]
+    png = io.BytesIO()
+    Image.new("RGB", (1920, 1080)).save(png, format="PNG")  # 6 KB that decode to 6 MB
+    rows = 16 * 2**20 // len(json.dumps([[0, 0, 0]] * 1920))  # nested lists: as many rows as 16 MiB holds
+    floods = {"json_numpy 1920x1080": act_bodies(key, (1080, 1920, 3), n=1)[0],
+              f"nested lists {rows}x1920": json.dumps({"image": [[[0, 0, 0]] * 1920] * rows, "instruction": "go",
+                                                        "unnorm_key": key}).encode()[:16 * 2**20],
+              "PNG 1920x1080": json.dumps({"image": base64.b64encode(png.getvalue()).decode(), "instruction": "go",
+                                           "unnorm_key": key}).encode()}
+    rss = lambda: next(int(l.split()[1]) // 1024 for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmRSS"))
+    bodies = act_bodies(key)
+    try:
+        serve_load(port, 1, 4, bodies)
+        alone = np.median(serve_load(port, 1, 40, bodies)[0]) * 1e3
+        print(f"  a normal client alone: p50 {alone:.1f} ms, server RSS {rss()} MB")
+        for kind, body in floods.items():
+            for n in config.abusers:
+                stop, peak = threading.Event(), [0]
+
+                def flood():
+                    while not stop.is_set():
+                        post(port, body)
+                        peak[0] = max(peak[0], rss())
+
+                threads = [threading.Thread(target=flood) for _ in range(n)]
+                [t.start() for t in threads]
+                time.sleep(1.0)
+                p50 = np.median(serve_load(port, 1, 20, bodies)[0]) * 1e3
+                stop.set()
+                [t.join() for t in threads]
+                report(f"p50, {n} clients sending {kind}", p50, "ms", "alone", alone)
+                print(f"  {'':<44} server RSS peak {peak[0]} MB")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def serve_bench(config: ServeBenchConfig):
     """Requests/s and p50/p99 latency of serve.py at 1/4/16 clients: batched vs one-at-a-time, measured alternately
-    in the same run, each a `python serve.py` process; the clients are threads of this process."""
+    in the same run, each a `python serve.py` process; the clients are threads of this process. Then a normal
+    client's latency and the server's memory while other clients send maximum-size bodies."""
     from model import VLA
 
     print(f"machine: {machine()}")
-    print(f"serve.py over 127.0.0.1, 256x256 json_numpy requests, batched = max_batch_size {config.max_batch_size}, "
-          f"max_wait_ms {config.max_wait_ms}")
+    print(f"serve.py over 127.0.0.1, 256x256 json_numpy requests, batched = max_batch_size {config.max_batch_size}")
     print("tiny fixture (../shared/fixtures/openvla-tiny), float32:")
     bench_serving("tiny", FIXTURE, "float32", config, config.tiny_requests)
+    print("tiny fixture, one normal client among clients sending maximum-size bodies:")
+    bench_abuse(config)
     if not config.skip_mid:
         print("mid config (real-size DINOv2-L + SigLIP-So400m, ~1B Llama-shaped LLM, random weights), bfloat16:")
         with tempfile.TemporaryDirectory(dir=ROOT) as tmp:

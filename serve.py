@@ -1,18 +1,16 @@
 """HTTP policy server: POST an image and an instruction to /act, get the robot action back.
 
-A drop-in for the original OpenVLA deploy.py (REFERENCE.md section 8): its json_numpy clients work unchanged. Built on
-the standard library's ThreadingHTTPServer; one model worker batches concurrent requests through predict_actions.
+A drop-in for openvla's `vla-scripts/deploy.py` (its json_numpy clients work unchanged), on the standard library's
+ThreadingHTTPServer; one model worker batches concurrent requests through predict_actions.
 
     python serve.py                                                  # the demo checkpoint `python train.py` wrote
-    python serve.py --config.checkpoint ../shared/fixtures/openvla-tiny --config.port 8000
     python serve.py --config.checkpoint checkpoints/openvla-7b --config.token "$TOKEN" --config.host 0.0.0.0
 
-A client (the original's; "unnorm_key" may be left out when the checkpoint has statistics for one dataset only):
+A client ("unnorm_key" may be left out when the checkpoint has statistics for one dataset only):
 
     import json_numpy, numpy as np, requests; json_numpy.patch()
-    image = np.zeros((256, 256, 3), dtype=np.uint8)
-    action = requests.post("http://127.0.0.1:8000/act",
-                           json={"image": image, "instruction": "pick up the cup", "unnorm_key": "bridge_orig"}).json()
+    action = requests.post("http://127.0.0.1:8000/act", json={"image": np.zeros((256, 256, 3), np.uint8),
+                           "instruction": "pick up the cup", "unnorm_key": "bridge_orig"}).json()
 
 Request forms (the answer comes back in the form its client reads):
     {"image": <json_numpy uint8 (H, W, 3)>, "instruction": str, "unnorm_key": str}  -> json_numpy float64 (action_dim,)
@@ -20,17 +18,15 @@ Request forms (the answer comes back in the form its client reads):
     {"image": [[[r, g, b], ...], ...] (ints 0..255), ...}                            -> a plain JSON list of floats
     {"image": "<base64 PNG or JPEG, optionally a data: URL>", ...}                  -> a plain JSON list of floats
 Errors are 4xx (5xx for the server's own failures) with {"error": what was wrong, "expected": what would work}.
-GET /health reports the model, device, dtype, unnorm keys, uptime and requests served; GET / prints a usage text.
+GET /health: 503 {"status": "loading"} until the model is ready, then 200 with its device, dtype, unnorm keys, counts.
 """
 
 import base64
-import binascii
 import contextlib
 import hmac
 import io
 import json
 import logging
-import math
 import os
 import queue
 import signal
@@ -42,6 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Literal
 
+import json_numpy
 import numpy as np
 
 from tokenizer import resolve_unnorm_key
@@ -64,18 +61,23 @@ class ServeConfig:
     max_batch_size: int = 16
     """Most requests the model worker runs in one batched forward; 1 serves one request at a time."""
     max_wait_ms: float = 25.0
-    """How long a batch is held open for others to join (never for a lone client): long enough for a burst of
-    clients that just got their answers to send again, else batches split into a lone one and the rest."""
-    max_pending: int = 256
-    """Requests waiting for the model beyond this get 503, so a flood cannot queue unbounded work."""
+    """How long a forming batch is held open for requests still arriving (never for a lone client)."""
+    max_connections: int = 64
+    """Open connections beyond this get 503 at once: each holds a thread, and at most one request for the model."""
     max_body_bytes: int = 16 * 2**20
-    """Largest request body; a 1920x1080 image is 8 MiB as json_numpy and about 20 MiB as nested lists."""
-    max_image_pixels: int = 4096 * 4096
-    """Largest image (H * W) accepted; the model resizes to 224x224 anyway."""
+    """Largest request body; a 1920x1080 image is 8 MiB as json_numpy."""
+    max_decode_bytes: int = 32 * 2**20
+    """Request bodies being read and decoded at once, in bytes; more queue for their turn (one alone always may)."""
+    max_image_pixels: int = 1920 * 1080
+    """Largest image (H * W) accepted, sized to cameras; the model resizes to 224x224 anyway."""
+    max_list_pixels: int = 256 * 256
+    """Largest image sent as nested lists: their parse holds the interpreter (every other request waits) ~1 us/pixel."""
     max_instruction_bytes: int = 1024
     """Longest instruction in UTF-8 bytes: <= 1025 tokens even with byte fallback, so prompt + 256 patches < 2048."""
+    request_timeout_s: float = 10.0
+    """Deadline for a request's line, headers and body (and for an idle connection); late ones get 408 or are cut."""
     token: str = ""
-    """Bearer token every request but GET / must carry; if empty, $NANOVLA_TOKEN (keeps it out of `ps`); both empty: none."""
+    """Bearer token every request but GET / must carry; if empty, $NANOVLA_TOKEN (keeps it out of `ps`)."""
 
 
 class HTTPError(Exception):
@@ -83,132 +85,118 @@ class HTTPError(Exception):
 
     def __init__(self, status: int, error: str, expected: str = "", headers: dict | None = None):
         super().__init__(error)
-        self.status, self.error, self.expected, self.headers = status, error, expected, headers or {}
+        self.status, self.headers = status, headers or {}
+        self.body = json.dumps({"error": error, "expected": expected} if expected else {"error": error}).encode()
 
 
 REQUEST_SHAPE = 'a JSON object {"image": uint8 (H, W, 3), "instruction": str, "unnorm_key": str (optional)}; see GET /'
 IMAGE_FORMS = "json_numpy uint8 array (H, W, 3), nested lists of ints 0..255 (H, W, 3), or a base64 PNG/JPEG string"
-ROUTES = {"/": ("GET",), "/health": ("GET",), "/act": ("POST",)}
+ROUTES = {"/": ("GET", "HEAD"), "/health": ("GET", "HEAD"), "/act": ("POST",)}
+RETRY = {"Retry-After": "1"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Request parsing: bytes -> (image, instruction, unnorm_key, form). Everything here raises HTTPError 400, never more.
 
 
-def decode_numpy(obj: dict) -> np.ndarray:
-    """A json_numpy object {"__numpy__": base64 bytes, "dtype": descr, "shape": [...]}, decoded by hand.
+def bad(error: str, expected: str = REQUEST_SHAPE) -> HTTPError:
+    return HTTPError(400, error, expected)
 
-    json_numpy.loads would also work, but writing it out lets us refuse object and structured dtypes before numpy
-    sees them: the bytes only ever become plain numbers, nothing is unpickled or executed.
-    """
-    data, descr, shape = obj.get("__numpy__"), obj.get("dtype"), obj.get("shape")
-    if not isinstance(data, str) or not isinstance(descr, str) or not isinstance(shape, list):
-        raise HTTPError(400, "malformed json_numpy array", '{"__numpy__": base64 str, "dtype": str, "shape": [ints]}')
+
+def numpy_hook(obj: dict):
+    """json_numpy's own object hook, once dtype and shape are checked: an object dtype would mean unpickling and a
+    structured one more than raw bytes, so only plain numbers reach numpy. Any decode failure is the request's."""
+    if "__numpy__" not in obj:
+        return obj
+    descr, shape, kind = obj.get("dtype"), obj.get("shape"), "?"
+    with contextlib.suppress(TypeError, ValueError):
+        kind = np.dtype(descr).kind if isinstance(descr, str) else "?"
+    if kind not in "biuf":
+        raise bad(f"json_numpy dtype {str(descr)[:50]!r} is not a plain numeric dtype", "'|u1' (uint8) for images")
+    if not isinstance(shape, list) or len(shape) > 64 or not all(type(n) is int and n >= 0 for n in shape):
+        raise bad(f"bad json_numpy shape {str(shape)[:100]}", "a list of at most 64 non-negative ints")
     try:
-        dtype = np.dtype(descr)
-    except (TypeError, ValueError):
-        raise HTTPError(400, f"unknown dtype {descr!r} in json_numpy array", "a numeric dtype such as '|u1'") from None
-    if dtype.kind not in "biuf":  # 'O' (Python objects) and 'V' (structured) would need more than raw bytes
-        raise HTTPError(400, f"dtype {descr!r} is not a plain numeric dtype", "uint8 ('|u1') for images")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise HTTPError(400, f"bad shape {shape} in json_numpy array", "a list of non-negative ints")
+        return json_numpy.object_hook(obj)
+    except (ValueError, TypeError, OverflowError, IndexError) as e:  # bad base64, a size that disagrees, huge shapes
+        raise bad(f"json_numpy array does not decode: {str(e)[:200]}", "base64 bytes of 'shape' x 'dtype'") from None
+
+
+def load_json(text, what: str):
     try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise HTTPError(400, "json_numpy '__numpy__' is not valid base64", "standard base64 of the array bytes") from None
-    if len(raw) != math.prod(shape) * dtype.itemsize:  # Python ints: a forged huge shape cannot overflow
-        raise HTTPError(400, f"json_numpy array has {len(raw)} bytes, not what shape {shape} x {dtype} needs",
-                        "shape and dtype matching the data")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return json.loads(text, object_hook=numpy_hook)
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON; RecursionError deep nesting
+        raise bad(f"{what} is not valid JSON") from None
 
 
 def decode_image(value, max_pixels: int) -> tuple[np.ndarray, str]:
     """Any of the accepted image forms -> (uint8 (H, W, 3) array, form), where form picks the answer's encoding."""
-    if isinstance(value, dict) and "__numpy__" in value:
-        image, form = decode_numpy(value), "json_numpy"
+    if isinstance(value, (np.ndarray, np.generic)):  # json_numpy, already decoded by numpy_hook
+        image, form = value, "json_numpy"
         if image.dtype != np.uint8:
-            raise HTTPError(400, f"image dtype is {image.dtype}", f"uint8 pixels 0..255; {IMAGE_FORMS}")
+            raise bad(f"image dtype is {image.dtype}", f"uint8 pixels 0..255; {IMAGE_FORMS}")
     elif isinstance(value, list):
         try:
             image, form = np.array(value), "plain"
         except (ValueError, TypeError):  # ragged lists
-            raise HTTPError(400, "image is not a rectangular nested list", IMAGE_FORMS) from None
+            raise bad("image is not a rectangular nested list", IMAGE_FORMS) from None
         if image.dtype.kind not in "iu" or image.size == 0 or image.min() < 0 or image.max() > 255:
-            raise HTTPError(400, f"image holds {image.dtype} values, not ints 0..255", IMAGE_FORMS)
+            raise bad(f"image holds {image.dtype} values, not ints 0..255", IMAGE_FORMS)
         image = image.astype(np.uint8)
-    elif isinstance(value, str):
-        image, form = decode_image_file(value, max_pixels), "plain"
+    elif isinstance(value, str):  # a base64 PNG or JPEG, optionally a data: URL
+        from PIL import Image
+
+        # PIL raises many exception types on hostile files (OSError, SyntaxError, DecompressionBombError, ...), so
+        # the two calls that parse the untrusted bytes catch Exception: any failure there is the file's, a 400.
+        try:
+            img = Image.open(io.BytesIO(base64.b64decode(value.split(",")[-1], validate=True)))  # the header only
+        except Exception:
+            raise bad("image string is not a base64 PNG or JPEG", IMAGE_FORMS) from None
+        if img.format not in ("PNG", "JPEG") or img.width * img.height > max_pixels:  # before decoding any pixel
+            raise bad(f"image file is a {img.height}x{img.width} {img.format}", f"a PNG or JPEG of <= {max_pixels} px")
+        try:
+            image, form = np.asarray(img.convert("RGB")), "plain"  # as deploy.py's Image.fromarray(...).convert("RGB")
+        except Exception:
+            raise bad("image file is truncated or corrupt", "a complete PNG or JPEG") from None
     else:
-        raise HTTPError(400, f"field 'image' must be an array, a list or a string, not {type(value).__name__}", IMAGE_FORMS)
+        raise bad(f"field 'image' must be an array, a list or a string, not {type(value).__name__}", IMAGE_FORMS)
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise HTTPError(400, f"image has shape {tuple(image.shape)}", f"(H, W, 3) RGB; {IMAGE_FORMS}")
+        raise bad(f"image has shape {tuple(image.shape)}", f"(H, W, 3) RGB; {IMAGE_FORMS}")
     if image.shape[0] * image.shape[1] > max_pixels:
-        raise HTTPError(400, f"image is {image.shape[0]}x{image.shape[1]} pixels", f"at most {max_pixels} pixels")
+        raise bad(f"image is {image.shape[0]}x{image.shape[1]} pixels", f"at most {max_pixels} pixels")
     return image, form
-
-
-def decode_image_file(text: str, max_pixels: int) -> np.ndarray:
-    """A base64 PNG or JPEG (optionally a data: URL) -> uint8 (H, W, 3), checking its size before decoding pixels."""
-    from PIL import Image
-
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    # PIL raises many exception types on hostile files (OSError, SyntaxError, DecompressionBombError, ...), so the
-    # two calls that parse the untrusted bytes catch Exception: any failure there is the file's fault, a 400.
-    try:
-        img = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))  # reads the header only
-    except Exception:
-        raise HTTPError(400, "image string is not a base64 PNG or JPEG", IMAGE_FORMS) from None
-    if img.format not in ("PNG", "JPEG"):
-        raise HTTPError(400, f"image file is {img.format}", "a base64 PNG or JPEG")
-    if img.width * img.height > max_pixels:  # a small file can declare a huge image ("decompression bomb")
-        raise HTTPError(400, f"image is {img.height}x{img.width} pixels", f"at most {max_pixels} pixels")
-    try:
-        return np.asarray(img.convert("RGB"))  # as deploy.py: Image.fromarray(image).convert("RGB")
-    except Exception:
-        raise HTTPError(400, "image file is truncated or corrupt", "a complete PNG or JPEG") from None
 
 
 def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
     """POST /act body -> (image, instruction, unnorm_key, form) with every field checked."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON; RecursionError deep nesting
-        raise HTTPError(400, "body is not valid JSON", REQUEST_SHAPE) from None
+    if (n := body.count(b",")) > 3 * config.max_list_pixels + 64:  # counted before parsing: each list item costs
+        raise bad(f"body holds {n} JSON items", f"nested-list images of <= {config.max_list_pixels} px; json_numpy")
+    payload = load_json(body, "body")
     encoded = isinstance(payload, dict) and "encoded" in payload
     if encoded:  # deploy.py's double-encoded form: {"encoded": "<json_numpy text of the request>"}
         if not isinstance(payload["encoded"], str):
-            raise HTTPError(400, "field 'encoded' must be a string", '{"encoded": json_numpy.dumps(request)}')
-        try:
-            payload = json.loads(payload["encoded"])
-        except (ValueError, RecursionError):
-            raise HTTPError(400, "field 'encoded' is not valid JSON", '{"encoded": json_numpy.dumps(request)}') from None
+            raise bad("field 'encoded' must be a string", '{"encoded": json_numpy.dumps(request)}')
+        payload = load_json(payload["encoded"], "field 'encoded'")
     if not isinstance(payload, dict):
-        raise HTTPError(400, f"body is a JSON {type(payload).__name__}, not an object", REQUEST_SHAPE)
-    for name in ("image", "instruction"):
-        if name not in payload:
-            raise HTTPError(400, f"missing field '{name}'", REQUEST_SHAPE)
-
-    instruction = payload["instruction"]
+        raise bad(f"body is a JSON {type(payload).__name__}, not an object")
+    if missing := [name for name in ("image", "instruction") if name not in payload]:
+        raise bad(f"missing field '{missing[0]}'")
+    instruction, unnorm_key = payload["instruction"], payload.get("unnorm_key")
     if not isinstance(instruction, str):
-        raise HTTPError(400, f"field 'instruction' must be a string, not {type(instruction).__name__}", "e.g. 'pick up the cup'")
+        raise bad(f"field 'instruction' must be a string, not {type(instruction).__name__}", "e.g. 'pick up the cup'")
     try:
         n_bytes = len(instruction.encode("utf-8"))
     except UnicodeEncodeError:  # lone surrogates such as "\ud800" survive JSON parsing but not UTF-8
-        raise HTTPError(400, "instruction is not valid Unicode", "a UTF-8 string") from None
+        raise bad("instruction is not valid Unicode", "a UTF-8 string") from None
     if not instruction.strip():
-        raise HTTPError(400, "instruction is empty", "a task such as 'pick up the cup'")
+        raise bad("instruction is empty", "a task such as 'pick up the cup'")
     if n_bytes > config.max_instruction_bytes:
-        raise HTTPError(400, f"instruction is {n_bytes} bytes", f"at most {config.max_instruction_bytes} UTF-8 bytes")
-
-    unnorm_key = payload.get("unnorm_key")
+        raise bad(f"instruction is {n_bytes} bytes", f"at most {config.max_instruction_bytes} UTF-8 bytes")
     if unnorm_key is not None and not isinstance(unnorm_key, str):
-        raise HTTPError(400, f"field 'unnorm_key' must be a string, not {type(unnorm_key).__name__}", f"one of {sorted(norm_stats)}")
+        raise bad(f"field 'unnorm_key' must be a string, not {type(unnorm_key).__name__}", f"one of {sorted(norm_stats)}")
     try:
         unnorm_key = resolve_unnorm_key(norm_stats, unnorm_key)
     except ValueError as e:
-        raise HTTPError(400, str(e), f"unnorm_key one of {sorted(norm_stats)}") from None
-
+        raise bad(str(e), f"unnorm_key one of {sorted(norm_stats)}") from None
     image, form = decode_image(payload["image"], config.max_image_pixels)
     return image, instruction, unnorm_key, "encoded" if encoded else form
 
@@ -216,16 +204,14 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
 def encode_action(action: np.ndarray, form: str) -> bytes:
     """The answer in the form its client reads: json_numpy for json_numpy clients, a plain list otherwise."""
     a = np.ascontiguousarray(action, dtype="<f8")
-    as_numpy = {"__numpy__": base64.b64encode(a.tobytes()).decode(), "dtype": "<f8", "shape": list(a.shape)}
-    if form == "json_numpy":
-        return json.dumps(as_numpy).encode()
-    if form == "encoded":  # deploy.py answered JSONResponse(json_numpy.dumps(action)): a JSON string
-        return json.dumps(json.dumps(as_numpy)).encode()
-    return json.dumps(a.tolist()).encode()  # repr floats: the float64 values round-trip exactly
+    if form == "plain":
+        return json.dumps(a.tolist()).encode()  # repr floats: the float64 values round-trip exactly
+    # deploy.py answered JSONResponse(json_numpy.dumps(action)): a JSON string, which the "encoded" form reads
+    return json.dumps(json_numpy.dumps(a)).encode() if form == "encoded" else json_numpy.dumps(a).encode()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The model worker: one thread owns the model; request threads hand it jobs and wait.
+# The server: HTTP request threads parse and hand jobs to one model worker thread, which batches them.
 
 
 @dataclass(eq=False)
@@ -239,80 +225,108 @@ class Job:
     batch_size: int = 0
 
 
-class Batcher:
-    """Collects concurrent requests into batches of up to max_batch_size for one predict_actions call each.
+class PolicyServer(ThreadingHTTPServer):
+    """Binds at construction (a busy port fails before the model loads); /health says 503 "loading" until
+    attach(load) has run load() -> model on the model worker thread, which then batches requests: it takes the first
+    waiting job and holds the batch open up to max_wait_ms, but only while others are being decoded, are queued, or
+    shared the last batch, so a lone client never waits; under load, the queue fills a batch while the model runs."""
 
-    The worker takes the first waiting job, then waits at most max_wait_ms for more; requests that arrive while the
-    model runs queue up and form the next batch, so under load batches fill without waiting at all. A lone client
-    never waits: the batch is held open only when other requests are being read, are queued, or shared the last batch.
-    """
+    daemon_threads = False  # server_close() then joins the request threads: requests in flight finish on shutdown
+    request_queue_size = 128  # listen backlog; the default 5 drops connections from bursts of clients (1 s retries)
 
-    def __init__(self, load, max_batch_size: int, max_wait_ms: float, max_pending: int):
-        """load() -> the model, called on the worker thread; returns once it is loaded (or re-raises its error)."""
-        self.vla, self.max_batch_size, self.max_wait_s, self.max_pending = None, max_batch_size, max_wait_ms / 1e3, max_pending
-        self.jobs: queue.Queue = queue.Queue()
-        self.n_batches = 0  # forwards run; requests / n_batches = mean batch size (in /health)
-        self.n_arriving, self.lock = 0, threading.Lock()  # requests being read and parsed, not yet queued
-        self.loaded, self.load_error = threading.Event(), None
-        self.thread = threading.Thread(target=self.run, args=(load,), name="model-worker", daemon=True)
-        self.thread.start()
+    def __init__(self, config: ServeConfig):
+        self.config, self.vla, self.jobs, self.lock = config, None, queue.Queue(), threading.Lock()
+        self.started, self.counts, self.n_batches = time.monotonic(), {"served": 0, "failed": 0}, 0
+        self.connections, self.decoding, self.decoding_bytes, self.cond = set(), 0, 0, threading.Condition()
+        self.worker, self.loaded, self.load_error = None, threading.Event(), None
+        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # "::1" or "::" too
+        try:
+            super().__init__((config.host, config.port), Handler)
+        except OSError as e:
+            raise SystemExit(f"cannot listen on {config.host}:{config.port} ({e}); pick another --config.port, "
+                             "or 0 for any free one") from None
+        self.url = f"http://{config.host}:{self.server_address[1]}"
+
+    def attach(self, load):
+        """Runs load() on the model worker; returns once the model serves, or re-raises the loader's error."""
+        self.worker = threading.Thread(target=self.run, args=(load,), name="model-worker", daemon=True)
+        self.worker.start()
         self.loaded.wait()
         if self.load_error is not None:
             raise self.load_error
+        return self
+
+    def verify_request(self, request, client_address) -> bool:
+        with self.lock:  # on the accepting thread, before a request thread exists: excess connections are refused
+            if len(self.connections) < self.config.max_connections:
+                self.connections.add(request)
+                return True
+        with contextlib.suppress(OSError):
+            request.settimeout(1)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n")
+        return False
+
+    def shutdown_request(self, request):
+        with self.lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
 
     @contextlib.contextmanager
-    def arriving(self):
-        """Wraps reading and parsing a request, so the worker knows one more may join the batch it is forming."""
-        with self.lock:
-            self.n_arriving += 1
+    def admit(self, n_bytes: int, deadline: float):
+        """Wraps reading and decoding one body: at most max_decode_bytes of bodies at once (one alone always may), so
+        memory stays bounded however many clients send large ones; a request not admitted by its deadline gets 503."""
+        with self.cond:
+            fits = lambda: self.decoding == 0 or self.decoding_bytes + n_bytes <= self.config.max_decode_bytes
+            if not self.cond.wait_for(fits, timeout=max(0.0, deadline - time.monotonic())):
+                raise HTTPError(503, "server busy decoding other requests", "retry shortly", RETRY)
+            self.decoding, self.decoding_bytes = self.decoding + 1, self.decoding_bytes + n_bytes
         try:
             yield
         finally:
-            with self.lock:
-                self.n_arriving -= 1
+            with self.cond:
+                self.decoding, self.decoding_bytes = self.decoding - 1, self.decoding_bytes - n_bytes
+                self.cond.notify_all()
 
     def submit(self, image, instruction: str, unnorm_key: str) -> Job:
         """Blocks until the model answered; the returned job holds the action or the model's error."""
-        if self.jobs.qsize() >= self.max_pending:
-            raise HTTPError(503, f"{self.max_pending} requests already waiting", "retry shortly", {"Retry-After": "1"})
         job = Job(image, instruction, unnorm_key, threading.Event())
         self.jobs.put(job)
         job.done.wait()
         return job
 
-    def close(self):
-        """Finishes the jobs already queued, then stops the worker."""
-        self.jobs.put(None)
-        self.thread.join()
+    def stop(self):
+        """Graceful and prompt: stop accepting and end every connection's reading, so idle and still-sending ones
+        close at once while requests already read get their answers; then stop the model worker."""
+        self.shutdown()  # returns once serve_forever has left its loop; call it from another thread
+        with self.lock:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RD)  # a blocked read returns end-of-file; answers can still be sent
+        self.server_close()  # joins the request threads
+        if self.worker is not None and self.worker.is_alive():
+            self.jobs.put(None)  # after the jobs already queued
+            self.worker.join()
 
     def run(self, load):
-        # Every torch op of the server runs on this one thread, loading and warm-up included. Each thread that runs
-        # torch ops on CPU gets its own OpenMP thread team, and once a process has more OpenMP threads than cores,
-        # libgomp stops spinning between parallel regions and puts threads to sleep instead: the tiny model's
-        # predict_action took 34 ms that way instead of 12 ms (HTTP threads only parse; they never touch torch).
+        # Every torch op of the server runs on this one thread, loading and warm-up included: each thread running
+        # torch ops on CPU gets its own OpenMP team, and with more OpenMP threads than cores libgomp sleeps between
+        # parallel regions instead of spinning (HTTP threads only parse; they never touch torch).
         try:
             self.vla = load()
-        except BaseException as e:  # noqa: BLE001 (handed to the constructor, which re-raises it on its thread)
+        except BaseException as e:  # noqa: BLE001 (attach() re-raises it on its own thread)
             self.load_error = e
             return
         finally:
             self.loaded.set()
-        stop, last_size = False, 1
-        while not stop:
-            job = self.jobs.get()
-            if job is None:
-                return
-            wait = self.max_wait_s if last_size > 1 or self.jobs.qsize() or self.n_arriving else 0.0
+        last_size = 1
+        while (job := self.jobs.get()) is not None:
+            wait = self.config.max_wait_ms / 1e3 if last_size > 1 or self.jobs.qsize() or self.decoding else 0.0
             batch, deadline = [job], time.monotonic() + wait
-            while len(batch) < self.max_batch_size:
-                try:
-                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < self.config.max_batch_size and batch[-1] is not None:
+                    batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+            if batch[-1] is None:  # stop(), once this batch is answered
+                self.jobs.put(batch.pop())
             self.run_batch(batch)
             self.n_batches, last_size = self.n_batches + 1, len(batch)
             for job in batch:
@@ -324,9 +338,8 @@ class Batcher:
 
         try:
             with torch.inference_mode():
-                actions = self.vla.predict_actions(
-                    [j.image for j in batch], [j.instruction for j in batch], unnorm_key=[j.unnorm_key for j in batch]
-                )
+                actions = self.vla.predict_actions([j.image for j in batch], [j.instruction for j in batch],
+                                                   unnorm_key=[j.unnorm_key for j in batch])
             for job, action in zip(batch, actions, strict=True):
                 job.action = np.asarray(action, dtype=np.float64)
         except Exception as e:  # the server keeps serving: the requests get 500, the traceback goes to the log
@@ -339,149 +352,145 @@ class Batcher:
             batch[0].error = f"{type(e).__name__}: {e}"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# HTTP
+class DeadlineReader(socket.SocketIO):
+    """Socket reads that share one deadline, so a client trickling bytes cannot hold its connection past it."""
 
+    def __init__(self, sock):
+        super().__init__(sock, "rb")
+        self.sock, self.deadline = sock, float("inf")
 
-class PolicyServer(ThreadingHTTPServer):
-    """Binds at construction (a busy port fails before the model loads); attach(load) starts the model worker, which
-    calls load() -> model on its own thread."""
-
-    daemon_threads = False  # server_close() then joins the request threads: requests in flight finish on shutdown
-    request_queue_size = 128  # listen backlog; the default 5 drops connections from bursts of clients (1 s retries)
-
-    def __init__(self, config: ServeConfig):
-        self.config, self.vla, self.batcher = config, None, None
-        self.started, self.lock, self.counts = time.monotonic(), threading.Lock(), {"served": 0, "failed": 0}
-        self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # "::1" or "::" too
-        try:
-            super().__init__((config.host, config.port), Handler)
-        except OSError as e:
-            raise SystemExit(f"cannot listen on {config.host}:{config.port} ({e}); pick another --config.port, "
-                             "or 0 for any free one") from None
-
-    def attach(self, load):
-        self.batcher = Batcher(load, self.config.max_batch_size, self.config.max_wait_ms, self.config.max_pending)
-        self.vla = self.batcher.vla
-        return self
-
-    @property
-    def url(self) -> str:
-        host = self.server_address[0]
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.server_address[1]}"
-
-    def stop(self):
-        """Graceful: stop accepting, let request threads finish (server_close joins them), then stop the worker."""
-        self.shutdown()  # returns once serve_forever has left its loop; call it from another thread
-        self.server_close()
-        self.batcher.close()
+    def readinto(self, b):
+        self.sock.settimeout(max(1e-3, self.deadline - time.monotonic()))
+        return super().readinto(b)
 
 
 class Handler(BaseHTTPRequestHandler):
     server: PolicyServer
-    timeout = 60  # seconds a client may stall mid-request before its thread gives up (slow-loris clients)
+    protocol_version = "HTTP/1.1"  # keep-alive, and 100 Continue for clients that send `Expect: 100-continue`
+    default_request_version = "HTTP/1.0"  # so even a malformed request line is answered with a status line
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.deadline = time.monotonic() + self.server.config.request_timeout_s  # idle time counts too
+        self.body_read, self.extra_headers = False, {}
+        super().handle_one_request()
+
+    def handle_expect_100(self):
+        return True  # read_body sends the 100 once the headers passed their checks, so a rejection comes first
 
     def handle_request(self):
-        start, self.batch_size, self.body_read, self.extra_headers = time.perf_counter(), 0, False, {}
+        start, self.batch_size = time.perf_counter(), 0
         try:
-            status, body, ctype = 200, *self.route()
+            status, body, ctype = self.route()
         except HTTPError as e:
-            status, body, ctype = e.status, self.error_body(e), "application/json"
-            self.extra_headers = e.headers
+            status, body, ctype, self.extra_headers = e.status, e.body, "application/json", e.headers
         except Exception as e:  # a bug in this file: 500, logged, and the server keeps serving
             log.exception("internal error on %s %s", self.command, self.path)
-            status, body, ctype = 500, self.error_body(HTTPError(500, f"internal error: {type(e).__name__}: {e}")), "application/json"
+            status, body, ctype = 500, HTTPError(500, f"internal error: {type(e).__name__}: {e}").body, "application/json"
         self.send(status, body, ctype)
         self.discard_unread_body()
         if self.path.split("?")[0] == "/act":
             with self.server.lock:
                 self.server.counts["served" if status == 200 else "failed"] += 1
-        batch = f" batch={self.batch_size}" if self.batch_size else ""
-        log.info("%s %s %s %d %.1fms%s", self.client_address[0], self.command, self.path[:100], status,
-                 1e3 * (time.perf_counter() - start), batch)
+        self.log_line(status, f" {1e3 * (time.perf_counter() - start):.1f}ms batch={self.batch_size}")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = handle_request  # route() answers 405s
 
-    def route(self) -> tuple[bytes, str]:
-        path = self.path.split("?")[0]
+    def route(self) -> tuple[int, bytes, str]:
+        path, server, token = self.path.split("?")[0], self.server, self.server.config.token
         if path not in ROUTES:
-            raise HTTPError(404, f"no route {path}", "POST /act, GET /health or GET /")
+            raise HTTPError(404, f"no route {path[:100]}", "POST /act, GET /health or GET /")
         if self.command not in ROUTES[path]:
             allowed = ", ".join(ROUTES[path])
             raise HTTPError(405, f"{self.command} {path} is not allowed", f"{allowed} {path}", {"Allow": allowed})
         if path == "/":
-            return __doc__.encode(), "text/plain; charset=utf-8"
-        self.check_token()
+            return 200, __doc__.encode(), "text/plain; charset=utf-8"
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")  # the scheme is case-insensitive
+        if token and not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())):
+            raise HTTPError(401, "missing or wrong bearer token", "header 'Authorization: Bearer <token>'",
+                            {"WWW-Authenticate": "Bearer"})  # compare_digest: constant time
         if path == "/health":
-            return json.dumps(self.health()).encode(), "application/json"
-        with self.server.batcher.arriving():
-            image, instruction, unnorm_key, form = parse_act(self.read_body(), self.server.vla.norm_stats, self.server.config)
-        job = self.server.batcher.submit(image, instruction, unnorm_key)
+            health = self.health()
+            return 200 if server.vla is not None else 503, json.dumps(health).encode(), "application/json"
+        if server.vla is None:
+            raise HTTPError(503, "the model is still loading", "retry shortly; GET /health says when it is ready", RETRY)
+        length = self.content_length()
+        with server.admit(length, self.reader.deadline):  # images are decoded only once admitted
+            image, instruction, unnorm_key, form = parse_act(self.read_body(length), server.vla.norm_stats,
+                                                             server.config)
+        job = server.submit(image, instruction, unnorm_key)
         self.batch_size = job.batch_size
         if job.error:
             raise HTTPError(500, f"model failed: {job.error}", "a valid request; the traceback is in the server log")
-        return encode_action(job.action, form), "application/json"
+        return 200, encode_action(job.action, form), "application/json"
 
-    def check_token(self):
-        token = self.server.config.token
-        given = self.headers.get("Authorization", "")
-        if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):  # constant-time compare
-            raise HTTPError(401, "missing or wrong bearer token", "header 'Authorization: Bearer <token>'",
-                            {"WWW-Authenticate": "Bearer"})
-
-    def read_body(self) -> bytes:
-        length, limit = self.headers.get("Content-Length"), self.server.config.max_body_bytes
-        if length is None:
+    def content_length(self) -> int:
+        values, limit = self.headers.get_all("Content-Length") or [], self.server.config.max_body_bytes
+        if not values:
             raise HTTPError(411, "missing Content-Length header", "a JSON body with its Content-Length")
-        if not length.isdigit():
-            raise HTTPError(400, f"bad Content-Length {length!r}", "a non-negative integer")
-        if int(length) > limit:
-            raise HTTPError(413, f"body is {int(length)} bytes", f"at most {limit} bytes (--config.max-body-bytes)")
+        if len(set(values)) > 1:  # which one a proxy in between believed is unknowable
+            raise HTTPError(400, f"differing Content-Length headers {values[:4]}", "one Content-Length")
+        if not (values[0].isascii() and values[0].isdigit()):  # isdigit() alone accepts '²'
+            raise HTTPError(400, f"bad Content-Length {values[0][:40]!r}", "a non-negative integer")
+        if int(values[0]) > limit:
+            raise HTTPError(413, f"body is {int(values[0])} bytes", f"at most {limit} bytes (--config.max-body-bytes)")
+        return int(values[0])
+
+    def read_body(self, length: int) -> bytes:
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
         self.body_read = True
-        return self.rfile.read(int(length))
+        with contextlib.suppress(TimeoutError):
+            body = self.rfile.read(length)
+            if len(body) == length:
+                return body
+            self.close_connection = True  # what is left on this connection is not a request
+            raise HTTPError(400, f"body ended after {len(body)} of {length} bytes", "as many bytes as Content-Length")
+        self.close_connection = True
+        raise HTTPError(408, f"the body did not arrive within {self.server.config.request_timeout_s} s",
+                        f"all {length} bytes of Content-Length, promptly")
 
     def discard_unread_body(self):
         # Closing a socket with unread data makes the kernel send a reset, which can destroy our answer before the
-        # client reads it. So a rejected request's body is read and dropped (up to a bound) and the client sees its 4xx.
-        length = self.headers.get("Content-Length", "")
-        if self.body_read or not length.isdigit():
+        # client reads it: a rejected body is read and dropped (within the deadline; none comes without a 100).
+        if self.body_read:
             return
-        remaining = min(int(length), 4 * self.server.config.max_body_bytes)
-        self.connection.settimeout(2)
-        try:
+        self.close_connection = True
+        with contextlib.suppress(HTTPError, OSError):
+            remaining = 0 if self.headers.get("Expect", "").lower() == "100-continue" else self.content_length()
             while remaining > 0 and (chunk := self.rfile.read(min(remaining, 1 << 16))):
                 remaining -= len(chunk)
-        except OSError:
-            pass
 
     def health(self) -> dict:
-        vla, server = self.server.vla, self.server
-        with server.lock:
-            counts = dict(server.counts)
-        weight = next(vla.parameters())  # where and in what dtype the model actually lives
-        return {
-            "status": "ok", "model": server.config.checkpoint, "device": str(weight.device),
-            "dtype": str(weight.dtype).removeprefix("torch."), "unnorm_keys": sorted(vla.norm_stats),
-            "uptime_s": round(time.monotonic() - server.started, 1), "requests_served": counts["served"],
-            "requests_failed": counts["failed"], "batches": server.batcher.n_batches,
-            "max_batch_size": server.config.max_batch_size,
-            "max_wait_ms": server.config.max_wait_ms,
-        }
-
-    def error_body(self, e: HTTPError) -> bytes:
-        return json.dumps({"error": e.error, "expected": e.expected} if e.expected else {"error": e.error}).encode()
+        server, config = self.server, self.server.config
+        # the directory's name for anyone; its path only to a client that showed the token
+        name = {"model": Path(config.checkpoint).name, **({"checkpoint": config.checkpoint} if config.token else {})}
+        if server.vla is None:
+            return {"status": "loading", **name}
+        weight = next(server.vla.parameters())  # where and in what dtype the model actually lives
+        return {"status": "ok", **name, "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+                "unnorm_keys": sorted(server.vla.norm_stats), "uptime_s": round(time.monotonic() - server.started, 1),
+                "requests_served": server.counts["served"], "requests_failed": server.counts["failed"],
+                "batches": server.n_batches, "max_batch_size": config.max_batch_size}
 
     def send(self, status: int, body: bytes, ctype: str):
+        self.connection.settimeout(self.server.config.request_timeout_s)  # the answer, too, has a deadline
         self.send_response(status)
-        for name, value in getattr(self, "extra_headers", {}).items():
+        for name, value in {**self.extra_headers, "Content-Type": ctype, "Content-Length": str(len(body))}.items():
             self.send_header(name, value)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         try:
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting; nothing left to tell it
+        except OSError:  # the client gave up waiting, or shutdown cut it off: nothing left to tell it
             log.info("%s went away before its %d answer", self.client_address[0], status)
 
     def send_error(self, code, message=None, explain=None):
@@ -489,13 +498,17 @@ class Handler(BaseHTTPRequestHandler):
         # without a do_* (501). Answer those in JSON too; an unknown method is the client's error, so 405.
         if code == 501:
             code, message = 405, f"method {self.command} not allowed"
-        self.extra_headers = {"Allow": "GET, POST"} if code == 405 else {}
-        self.send(code, self.error_body(HTTPError(code, message or "bad request", "POST /act, GET /health or GET /")),
+        self.extra_headers, self.close_connection = {"Allow": "GET, POST"} if code == 405 else {}, True
+        self.send(code, HTTPError(code, message or "bad request", "POST /act, GET /health or GET /").body,
                   "application/json")
-        log.info("%s %s %s %d", self.client_address[0], self.command, getattr(self, "path", "")[:100], code)
+        self.log_line(code)
+
+    def log_line(self, status: int, extra: str = ""):
+        what = f"{self.command} {getattr(self, 'path', '')[:100]}".encode("unicode_escape").decode()  # no raw ESC
+        log.info("%s %s %d%s", self.client_address[0], what, status, extra)
 
     def log_message(self, format, *args):
-        pass  # handle_request writes one line per request instead
+        pass  # log_line writes one line per request instead
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -515,16 +528,12 @@ def load_policy(config: ServeConfig):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--config.device {device}: no CUDA device visible; use --config.device cpu")
     dtype = getattr(torch, config.dtype if config.dtype != "auto" else "bfloat16" if device != "cpu" else "float32")
-    t0 = time.perf_counter()
     try:
         vla = VLA.from_pretrained(path, dtype=dtype, device=device)
     except (FileNotFoundError, ValueError) as e:  # model.py's messages say what is missing or wrong
         raise SystemExit(f"cannot load {path}: {e}") from None
-    t1 = time.perf_counter()
-    image = np.zeros((224, 224, 3), dtype=np.uint8)
-    vla.predict_actions([image], ["warm up"], unnorm_key=sorted(vla.norm_stats)[0])
-    log.info("loaded %s on %s in %s (%.1fs), warm-up %.2fs; unnorm keys: %s", path, device, str(dtype).removeprefix("torch."),
-             t1 - t0, time.perf_counter() - t1, ", ".join(sorted(vla.norm_stats)))
+    vla.predict_actions([np.zeros((224, 224, 3), dtype=np.uint8)], ["warm up"], unnorm_key=sorted(vla.norm_stats)[0])
+    log.info("loaded %s on %s in %s; unnorm keys: %s", path, device, dtype, ", ".join(sorted(vla.norm_stats)))
     return vla
 
 
@@ -532,13 +541,11 @@ def main(config: ServeConfig) -> dict:
     """Serve until SIGINT/SIGTERM; returns the final request counts."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config.token = config.token or os.environ.get("NANOVLA_TOKEN", "")
-    if config.max_batch_size < 1 or config.max_wait_ms < 0 or config.max_body_bytes < 1:
-        raise SystemExit("--config.max-batch-size must be >= 1, --config.max-wait-ms >= 0, --config.max-body-bytes >= 1")
+    if min(config.max_batch_size, config.max_body_bytes, config.max_connections) < 1 or config.max_wait_ms < 0:
+        raise SystemExit("--config.max-batch-size, -max-body-bytes, -max-connections must be >= 1, -max-wait-ms >= 0")
     server = PolicyServer(config)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
-        log.warning("listening on %s without --config.token: anyone who reaches this port can move the robot", config.host)
-    server.attach(lambda: load_policy(config))  # on the model worker thread, with every other torch op
-
+        log.warning("on %s without --config.token: anyone who reaches this port can move the robot", config.host)
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -550,8 +557,13 @@ def main(config: ServeConfig) -> dict:
     signal.signal(signal.SIGTERM, on_signal)
     # serve_forever runs in a thread because shutdown() must come from another thread than the one serving.
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    log.info("serving %s on %s (POST /act, GET /health, GET /)%s", config.checkpoint, server.url,
-             " with a bearer token" if config.token else "")
+    log.info("loading %s; GET %s/health says 503 until it is ready", config.checkpoint, server.url)
+    try:
+        server.attach(lambda: load_policy(config))  # on the model worker thread, with every other torch op
+    except BaseException:
+        server.stop()
+        raise
+    log.info("serving %s on %s (POST /act, GET /health, GET /)", config.checkpoint, server.url)
     while not stopping.wait(0.5):  # a timed wait lets the main thread run the signal handler promptly
         pass
     server.stop()
