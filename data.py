@@ -243,9 +243,9 @@ def quantile(x: np.ndarray, q: float) -> np.ndarray:
 
 def compute_statistics(builder, name: str) -> dict:
     n_episodes = sum(split.num_examples for split in builder.info.splits.values())
-    # a full dataset takes minutes (BridgeData V2: 60k episodes): a progress bar on terminals (tqdm's disable=None)
-    episodes = tqdm(read_episodes(builder, name, "all"), total=n_episodes, desc=f"statistics of {name} (once)",
-                    unit="episode", disable=None)
+    # split by split, as the original's "all" (float32 sums agree bit for bit); a progress bar on terminals only
+    episodes = itertools.chain.from_iterable(read_episodes(builder, name, split) for split in builder.info.splits)
+    episodes = tqdm(episodes, total=n_episodes, desc=f"statistics of {name} (once)", unit="episode", disable=None)
     actions = [ep["action"] for _, ep in episodes]
     if not actions or not sum(len(a) for a in actions):
         raise DataError(f"{name}: {builder.data_dir} holds no steps after standardization; nothing to train on")
@@ -264,12 +264,12 @@ def dataset_statistics(builder, name: str) -> dict:
     """Statistics of one dataset, cached as dataset_statistics_<sha256>.json in its version directory.
 
     The hash covers the dataset (str of its tfds info, which includes the path), the proprio keys ("()": none, as
-    OpenVLA) and the dataset's Layout with the source of its functions (the original: its transform's source); so
-    editing the Layout or the data recomputes. A read-only data directory (no write bit, also for root) falls back to
-    ~/.cache/nanovla/.
+    OpenVLA), its Layout with the source of its functions, and the statistics code (the original: its transform's
+    source); editing any of them recomputes. A read-only data directory (no write bit) falls back to ~/.cache/nanovla.
     """
     layout = [getattr(DATASETS[name], f.name) for f in dataclasses.fields(DATASETS[name])]
-    key = "".join([str(builder.info), "()", repr([inspect.getsource(v) if callable(v) else v for v in layout])])
+    code = [inspect.getsource(v) if callable(v) else v for v in layout + [compute_statistics, quantile]]
+    key = "".join([str(builder.info), "()", repr(code)])
     filename = f"dataset_statistics_{hashlib.sha256(key.encode()).hexdigest()}.json"
     paths = [Path(builder.data_dir) / filename, Path.home() / ".cache" / "nanovla" / filename]
     for path in paths:
