@@ -354,7 +354,12 @@ def save_pretrained(vla: VLA, path: Path, max_shard_bytes: int):
     """Write the released layout into a temporary directory, then swap it in: a crash leaves the old one intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a save that was killed
+        shutil.rmtree(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700: the checkpoint gets the mode of any new directory
     dtype = next(vla.parameters()).dtype
     write_weights(vla, tmp, max_shard_bytes)
     dump = lambda name, obj: (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")  # noqa: E731

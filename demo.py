@@ -31,6 +31,7 @@ class DemoEnv:
     height dims are always 0; the gripper is 1 (open) while moving and 0 when closing. The scripted expert steps one
     cell per axis towards the target, then closes: a model has to read the colour and see on which side of the centre
     that colour is. success = the target block under the gripper.
+    mirrored: the image flipped left-right, a world the demo policy never saw (finetune.py's demo teaches it).
 
         env = DemoEnv(seed=0); image, instruction = env.reset()
         image, success = env.step(env.expert_action())
@@ -38,8 +39,8 @@ class DemoEnv:
 
     max_steps = DEMO_MAX_STEPS
 
-    def __init__(self, image_size: int = 224, seed: int = 0):
-        self.image_size, self.rng = image_size, np.random.default_rng(seed)
+    def __init__(self, image_size: int = 224, seed: int = 0, mirrored: bool = False):
+        self.image_size, self.rng, self.mirrored = image_size, np.random.default_rng(seed), mirrored
         # each pixel's distance from the image centre, in cells
         self.px = (np.arange(image_size) + 0.5 - image_size / 2) / (image_size / 224 * DEMO_CELL_PX)
 
@@ -81,7 +82,7 @@ class DemoEnv:
             image[np.ix_(np.abs(y - by / cell) < 0.5, np.abs(x - bx / cell) < 0.5)] = DEMO_COLORS[color]
         r = np.hypot(*np.meshgrid(self.px, self.px))
         image[(r > 0.3) & (r < 0.4)] = (30, 30, 30)  # the gripper: a dark ring at the centre, the block shows through
-        return image
+        return np.ascontiguousarray(image[:, ::-1]) if self.mirrored else image
 
     def state(self) -> np.ndarray:
         return np.array([*self.gripper, 0, 0, 0, 0, 0, 0], np.float32)  # LIBERO-like 8-dim proprio (unused)
@@ -108,9 +109,9 @@ def demo_episode(env: DemoEnv) -> dict:
 DEMO_EPISODES = 2000
 
 
-def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size: int = 224) -> Path:
+def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size: int = 224, mirrored=False) -> Path:
     """Write `episodes` expert episodes (90% train, 10% val) as the RLDS dataset nanovla_demo under data_dir."""
-    env = DemoEnv(image_size, seed)
+    env = DemoEnv(image_size, seed, mirrored)
     eps = [demo_episode(env) for _ in tqdm(range(episodes), desc="demo episodes", unit="episode", disable=None)]
     n_val = max(1, episodes // 10)
     F = tfds.features
@@ -123,9 +124,9 @@ def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size
     return write_rlds(data_dir, "nanovla_demo", features, {"train": eps[n_val:], "val": eps[:n_val]})
 
 
-def demo_success_rate(policy, episodes: int = 50, seed: int = 1234, image_size: int = 224) -> float:
+def demo_success_rate(policy, episodes: int = 50, seed: int = 1234, image_size: int = 224, mirrored=False) -> float:
     """Closed-loop success of policy(image uint8 (S, S, 3), instruction) -> 7-dim unnormalized action."""
-    env, successes = DemoEnv(image_size, seed), 0
+    env, successes = DemoEnv(image_size, seed, mirrored), 0
     for _ in range(episodes):
         image, instruction = env.reset()
         for _ in range(env.max_steps):

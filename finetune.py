@@ -1,23 +1,19 @@
-"""LoRA fine-tuning of an OpenVLA checkpoint on your own RLDS dataset, with LoRA written out (no peft), run by
-train.py's loop.
+"""LoRA fine-tuning of an OpenVLA checkpoint on your RLDS dataset, LoRA written out (no peft), in train.py's loop:
+train.py's flags (--config.*; the fine-tuning recipes below fill what you leave unset), plus --lora.*.
 
+    python finetune.py            # demo: teach checkpoints/demo (python train.py) a mirrored camera, in minutes
     python finetune.py --config.init-from checkpoints/openvla-7b --config.data-root /data \
-        --config.data-mix my_robot --config.run-dir runs/my_robot --lora.rank 32
-    torchrun --nproc-per-node 4 finetune.py ...                     # the same on several GPUs (FSDP2, as train.py)
+        --config.data-mix my_robot --config.run-dir runs/my_robot      # the original's recipe: 200k steps
+    torchrun --nproc-per-node 4 finetune.py ...                      # the same on several GPUs (FSDP2, as train.py)
     python serve.py --config.checkpoint runs/my_robot/merged --config.unnorm-key my_robot
-    python finetune.py                                             # demo: adapt checkpoints/demo (python train.py)
 
 Each adapted linear layer computes y = W x + (alpha / r) * B (A x) with W frozen in bf16 (never copied to fp32),
 A (r x in) ~ N(0, 1/r^2) and B (out x r) = 0, so training starts from exactly the checkpoint's outputs (the original's
-vla-scripts/finetune.py, through peft). Only A and B train (fp32 master copies; FSDP gathers them in bf16 with the
-rest). All else is train.main: process group, FSDP2 sharding, rank-local checkpoint reads, accumulation, metrics,
-the non-finite stop, checkpoints that resume exactly (holding what trains: adapters and their optimizer state) and
-the released-layout export, here with the adapters merged in. So the flags are train.py's (--config.*, with the
-fine-tuning recipe below as defaults), plus --lora.*.
-
-Differences from the original on purpose: the new dataset's statistics go into the merged config.json too (the
-original kept the base model's there); peft 0.11.1's "all-linear" also put a LoRA Conv2d on the ViTs' patch embeddings
-(named `proj`): we adapt linear layers only, lm_head included (as peft did), and none on modules that never run.
+vla-scripts/finetune.py, through peft). Only A and B train (fp32 master copies). All else is train.main: FSDP2,
+rank-local checkpoint reads, accumulation, metrics, the non-finite stop, checkpoints that resume exactly (holding what
+trains: adapters and their optimizer state) and the released-layout export, with the adapters merged in. Unlike the
+original: the new dataset's statistics go into the merged config.json too; peft 0.11.1's "all-linear" also adapted the
+ViTs' patch-embedding convs: we adapt linear layers only (lm_head included, as peft did), none that never run.
 """
 
 import math
@@ -30,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import demo
 import train
 from model import VLA
 
@@ -43,16 +40,21 @@ class LoRAConfig:
     dropout: float = 0.0
     """dropout on the adapter's input (the original's 0.0)"""
     targets: Literal["all-linear", "llm", "attention"] = "all-linear"
-    """which linear layers get adapters: every one that runs (the original's), the Llama decoder + lm_head only, or
-    the attention projections only (ViT qkv/proj, Llama q/k/v/o)"""
+    """linear layers adapted: every one that runs (the original's), the Llama's + lm_head, or attention's only"""
 
 
-# train.py's config with the original's fine-tuning recipe (vla-scripts/finetune.py): batch 16 per device, constant
-# lr 5e-4, AdamW's default weight decay, no clipping, augmentation on; the export is <run-dir>/merged.
-FINETUNE = train.TrainConfig(
-    init_from=Path("checkpoints/demo"), run_dir=Path("runs/finetune"), per_device_batch_size=16, learning_rate=5e-4,
-    schedule="constant", weight_decay=0.01, max_grad_norm=math.inf, max_steps=200_000, save_every=5000, keep_last=1,
-    image_aug=True, shuffle_buffer_size=100_000, activation_checkpointing=True, bf16=True, eval_episodes=0)
+# None fields take these, then train.py's: the original's recipe (vla-scripts/finetune.py) for your checkpoint; for
+# checkpoints/demo a few hundred steps that teach the demo policy a mirrored camera (python finetune.py, minutes).
+RECIPES = {
+    "original": dict(per_device_batch_size=16, learning_rate=5e-4, max_steps=200_000, save_every=5000, image_aug=True,
+                     shuffle_buffer_size=100_000, activation_checkpointing=True),
+    "demo": dict(per_device_batch_size=16, learning_rate=2e-3, max_steps=300, save_every=100, image_aug=False,
+                 shuffle_buffer_size=10_000, activation_checkpointing=False),
+}
+DEMO = Path("checkpoints/demo")  # what python train.py exports
+# train.py's config with fine-tuning's constants: constant lr, AdamW's default decay, no clipping, a bf16 base
+FINETUNE = train.TrainConfig(init_from=DEMO, data_root=Path("runs/demo_data_mirrored"), run_dir=Path("runs/finetune"),
+                             schedule="constant", weight_decay=0.01, max_grad_norm=math.inf, bf16=True, keep_last=1)
 
 
 def merge_weight(weight, lora_A, lora_B, scale: float):
@@ -85,34 +87,19 @@ class LoRALinear(nn.Module):
         self.merged = True
 
 
-def is_target(name: str, targets: str) -> bool:
-    if targets == "all-linear":
-        return True
-    if targets == "llm":
-        return name.startswith("language_model.")
-    return ".attn." in name + "." or ".self_attn." in name  # attention: ViT qkv / proj, Llama q / k / v / o_proj
+TARGETS = {"all-linear": lambda name: True, "llm": lambda name: name.startswith("language_model."),
+           "attention": lambda name: ".attn." in name or ".self_attn." in name}  # ViT qkv / proj, Llama q/k/v/o_proj
 
 
 def add_lora(vla: VLA, rank: int, alpha: float, dropout: float, targets: str = "all-linear") -> list[str]:
     """Wrap the targeted nn.Linear modules that run in LoRALinear (in place); returns the wrapped module names."""
     unused = set(vla.unused_parameter_names())
     names = [n for n, m in vla.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" not in unused
-             and is_target(n, targets)]
+             and TARGETS[targets](n)]
     for name in names:
-        parent, child = vla.get_submodule(name.rsplit(".", 1)[0]) if "." in name else vla, name.rsplit(".", 1)[-1]
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+        parent, _, child = name.rpartition(".")
+        setattr(vla.get_submodule(parent), child, LoRALinear(vla.get_submodule(name), rank, alpha, dropout))
     return names
-
-
-def lora_init(seed: int, rank: int):
-    """train.materialize's read_rows for the adapters: peft's "gaussian" A ~ N(0, (1 / r)^2), drawn in full so any
-    world size gets the same A, and B = 0."""
-    def read_rows(i, name, shape, rows):
-        if name.endswith("lora_B"):
-            return torch.zeros(rows[1] - rows[0], *shape[1:])
-        torch.manual_seed(seed * 100_003 + i)
-        return (torch.randn(shape) / rank)[rows[0]:rows[1]]
-    return read_rows
 
 
 def merged_state(state: dict, scale: float) -> dict:
@@ -128,20 +115,41 @@ def merged_state(state: dict, scale: float) -> dict:
 
 
 def main(config: train.TrainConfig = FINETUNE, lora: LoRAConfig = LoRAConfig()) -> dict:
-    """Fine-tune adapters with train.main and export the merged checkpoint; returns train.main's result."""
-    alpha = float(min(lora.rank, 16)) if lora.alpha is None else lora.alpha
-    config = replace(config, export_dir=config.export_dir or config.run_dir / "merged")
+    """Fine-tune adapters with train.main and export the merged checkpoint (<run-dir>/merged); returns train.main's
+    result, on the demo (rank 0) with "success" {"before", "after" (mirrored camera), "original" (after)}."""
+    is_demo, episodes, alpha = config.init_from == DEMO, config.eval_episodes, lora.alpha or min(lora.rank, 16)
+    recipe = {k: v for k, v in RECIPES["demo" if is_demo else "original"].items() if getattr(config, k) is None}
+    config = replace(config, export_dir=config.export_dir or config.run_dir / "merged", eval_episodes=0, **recipe)
+    rank = train.setup_distributed()[0]
+    if is_demo:  # the demo policy, and the mirrored world it never saw, written once like the demo data
+        if not (DEMO / "config.json").exists():
+            raise SystemExit(f"no demo policy in {DEMO}: train it first with python train.py (minutes on a CPU)")
+        if rank == 0 and config.data_root == FINETUNE.data_root and not (config.data_root / "nanovla_demo").exists():
+            demo.make_demo(config.data_root, mirrored=True)  # once
+        dist.barrier()
+        before = train.demo_success(DEMO, episodes, mirrored=True) if rank == 0 and episodes else None
 
     def adapt(vla):
         vla.to(torch.bfloat16)  # the base weights: bf16 shards, exactly as stored, never fp32
         for p in vla.parameters():
             p.requires_grad_(False)
         names = add_lora(vla, lora.rank, alpha, lora.dropout, lora.targets)  # fp32 A, B
-        if dist.get_rank() == 0:
-            print(f"LoRA r={lora.rank} alpha={alpha} on {len(names)} {lora.targets} layers")
-        return {f"{n}.lora_{x}": lora_init(config.seed, lora.rank) for n in names for x in "AB"}
+        return {f"{n}.lora_{x}": init for n in names for x in "AB"}
 
-    return train.main(config, adapt=adapt, merge=lambda state: merged_state(state, alpha / lora.rank))
+    def init(i, name, shape, rows):  # peft's "gaussian" A ~ N(0, (1 / r)^2), drawn in full: any world size; B = 0
+        if name.endswith("lora_B"):
+            return torch.zeros(rows[1] - rows[0], *shape[1:])
+        torch.manual_seed(config.seed * 100_003 + i)
+        return (torch.randn(shape) / lora.rank)[rows[0]:rows[1]]
+
+    result = train.main(config, adapt=adapt, merge=lambda state: merged_state(state, alpha / lora.rank))
+    if is_demo and rank == 0 and episodes:
+        after, original = (train.demo_success(result["export"], episodes, mirrored=m) for m in (True, False))
+        result["success"] = {"before": before, "after": after, "original": original}
+        print(f"closed-loop success over {episodes} episodes, mirrored camera: {before:.0%} before, {after:.0%} after "
+              f"fine-tuning; original camera after: {original:.0%}. Serve it: python serve.py --config.checkpoint "
+              f"{result['export']}")
+    return result
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import http.client
 import io
 import itertools
 import json
+import math
 import os
 import pickle
 import re
@@ -986,9 +987,10 @@ def _train_args(run, root, **kw):
 
 
 def _config(root, run, **kw):  # the tiny recipe, small: the in-process runs and the multi-rank checks
-    kw = {"global_batch_size": 8, "learning_rate": 1e-3, "log_every": 1, "save_every": 0, "bf16": False, **kw}
-    return train.TrainConfig(data_root=root, run_dir=run, export_dir=run / "export", schedule="constant",
-                             eval_episodes=0, shuffle_buffer_size=64, export_dtype="float32", **kw)
+    kw = {"global_batch_size": 8, "learning_rate": 1e-3, "log_every": 1, "save_every": 0, "bf16": False,
+          "export_dir": run / "export", **kw}
+    return train.TrainConfig(data_root=root, run_dir=run, schedule="constant", eval_episodes=0,
+                             shuffle_buffer_size=64, export_dtype="float32", **kw)
 
 
 def _records(run):  # every line of metrics.jsonl; while a run writes it: nothing yet, or what is complete
@@ -1083,19 +1085,20 @@ def test_train_data_error_is_one_message_and_a_mistyped_root_writes_nothing(tmp_
 
 
 def test_train_resume_edges_corrupt_checkpoint_metrics_and_export(train_demo, tmp_path):
-    run = tmp_path / "run"
-    first = train.main(_config(train_demo, run, max_steps=4, save_every=2, global_batch_size=4))
-    shard = next((run / "checkpoints" / "step-000004").glob("*.distcp"))
+    run, config = tmp_path / "run", lambda **kw: _config(train_demo, tmp_path / "run", save_every=2, **kw)
+    first = train.main(config(max_steps=4, global_batch_size=4))
+    bad = run / "checkpoints" / "step-000004"
+    shard = next(bad.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # the newest checkpoint damaged on disk
-    with pytest.raises(SystemExit, match=r"checkpoint .*step-000004 cannot be read \(RuntimeError: .*\); continue "
-                                         "from the one before it, step-000002, with --config.resume-previous"):
-        train.main(_config(train_demo, run, max_steps=6, save_every=2, global_batch_size=4, resume=True))
+    with pytest.raises(SystemExit, match=rf"checkpoint {bad} cannot be read \(RuntimeError: .*\); to continue from "
+                                         rf"the one before it, step-000002, move it aside: mv {bad} (\S+)$") as e:
+        train.main(config(max_steps=6, global_batch_size=4, resume=True))
+    bad.rename(re.search(r"mv \S+ (\S+)$", str(e.value)).group(1))  # as the message says
     (run / ".export.tmp-stale").mkdir()  # as a SIGKILL during save_pretrained leaves it
-    resumed = train.main(_config(train_demo, run, max_steps=6, save_every=2, global_batch_size=4, resume=True,
-                                 resume_previous=True))
+    resumed = train.main(config(max_steps=6, global_batch_size=4, resume=True))
     assert [m["loss"] for m in resumed["history"][:2]] == [m["loss"] for m in first["history"][2:]]  # exact
     assert [m["step"] for m in _records(run)] == [1, 2, 3, 4, 5, 6]  # the replayed steps 3, 4 logged once
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".set-aside-step-000004", "step-000004",
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".unreadable-step-000004", "step-000004",
                                                                        "step-000006"]
     umask = os.umask(0)
     os.umask(umask)
@@ -1232,6 +1235,8 @@ def test_finetune_trains_adapters_only_resumes_and_merges(train_demo, tmp_path):
     r = run("full")
     losses = [m["loss"] for m in r["history"]]
     assert losses[-1] < losses[0] and 0 < r["params_trained"] < 0.25 * r["params_total"]  # the loss falls
+    recipe = json.loads((tmp_path / "full" / "train_config.json").read_text())  # a checkpoint not the demo's
+    assert (recipe["activation_checkpointing"], recipe["save_every"], recipe["max_grad_norm"]) == (True, 2, math.inf)
     # the checkpoint holds what trains only: the adapters (and their optimizer state)
     saved = dcp.FileSystemReader(tmp_path / "full" / "checkpoints" / "step-000004").read_metadata().state_dict_metadata
     assert {k.split(".")[-1] for k in saved if k.startswith("model.")} == {"lora_A", "lora_B"}
@@ -1259,6 +1264,21 @@ def test_finetune_trains_adapters_only_resumes_and_merges(train_demo, tmp_path):
     (bad / "dataset_statistics.json").write_text(json.dumps(config["norm_stats"]))
     with pytest.raises(ValueError, match=r"nanovla_demo has 7-dim actions but .*bad was trained on \[6\]-dim"):
         run("bad_run", init_from=bad)
+
+
+def test_finetune_demo_path_mirrored_camera_before_after_and_serve_line(train_demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # python finetune.py's relative paths: checkpoints/demo, runs/...
+    with pytest.raises(SystemExit, match="no demo policy in checkpoints/demo: train it first with python train.py"):
+        finetune.main()
+    train.main(_config(train_demo, tmp_path / "base", max_steps=1, export_dir=finetune.DEMO))  # a demo policy
+    image, _ = demo.DemoEnv(seed=5, mirrored=True).reset()
+    assert np.array_equal(image, demo.DemoEnv(seed=5).reset()[0][:, ::-1])  # the same scene, seen mirrored
+    demo.make_demo(finetune.FINETUNE.data_root, episodes=20, seed=1, mirrored=True)  # small: the demo writes 2000
+    r = finetune.main(replace(finetune.FINETUNE, max_steps=2, eval_episodes=2))
+    assert r["step"] == 2 and all(0 <= r["success"][k] <= 1 for k in ("before", "after", "original"))
+    recipe = json.loads((tmp_path / "runs" / "finetune" / "train_config.json").read_text())
+    assert (recipe["learning_rate"], recipe["image_aug"], recipe["max_grad_norm"]) == (2e-3, False, math.inf)
+    assert capsys.readouterr().out.strip().endswith("python serve.py --config.checkpoint runs/finetune/merged")
 
 
 # ---- oft.py (against ../shared/fixtures/openvla-oft-tiny) -------------------------------------------------------

@@ -1,8 +1,7 @@
 """Full VLA training with raw torch FSDP2: bf16 compute, fp32 master weights, activation checkpointing, accumulation,
 sharded checkpoints that resume exactly, and an export in the released OpenVLA layout. finetune.py runs this loop.
 
-    python train.py                                   # laptop demo: tiny model on the demo task (CPU, < 10 min)
-    python serve.py                                   # serves what the demo exported (checkpoints/demo)
+    python train.py                 # laptop demo: tiny model on the demo task (CPU, < 10 min) -> checkpoints/demo
     torchrun --nproc-per-node 2 train.py --config.max-steps 50       # the same loop, 2 processes (gloo on CPU)
     torchrun --nproc-per-node 8 train.py --config.global-batch-size 256 --config.data-root /data/oxe \
         --config.data-mix bridge_orig --config.init-from checkpoints/openvla-7b --config.run-dir runs/bridge
@@ -13,10 +12,10 @@ sharded checkpoints that resume exactly, and an export in the released OpenVLA l
 One step, as the loop below does it (the original's prismatic/training/strategies/base_strategy.py):
     lr(step) -> A micro-batches: forward (bf16) + backward(loss / A), reduce-scatter only on the last
     -> clip the global grad norm over the shards -> AdamW on this rank's fp32 shard -> log -> maybe save.
-Where bf16 starts and ends: each rank stores its shard of every parameter in fp32 (the master weights, and AdamW's
-state next to them); FSDP all-gathers a bf16 copy of a block just before it runs and frees it after; activations and
-gradients inside the model are bf16; FSDP casts gradients to fp32 before the reduce-scatter (reduce_dtype), so the
-sharded .grad, the clipping and the optimizer step are fp32. Logits are cast to fp32 in model.py before the loss.
+Where bf16 starts and ends: each rank stores its shard of every parameter in fp32 (the master weights, AdamW's state
+next to them); FSDP all-gathers a bf16 copy of a block just before it runs; activations and gradients inside the model
+are bf16; FSDP casts gradients to fp32 for the reduce-scatter (reduce_dtype), so the sharded .grad, the clipping and
+the optimizer step are fp32. model.py casts the logits to fp32 before the loss.
 """
 
 import json
@@ -89,8 +88,8 @@ class TrainConfig:
     """recompute each ViT block and decoder layer in backward instead of storing its activations"""
     bf16: bool | None = None
     """bf16 compute, fp32 master weights and gradient reduce; False: all fp32 (the CPU demo's: no fast bf16 there)"""
-    image_aug: bool = False
-    """the original's random crop and colour jitter (off for OpenVLA pretraining)"""
+    image_aug: bool | None = None
+    """the original's random crop and colour jitter; None: the recipe's (off for pretraining, on for fine-tuning)"""
     shuffle_buffer_size: int | None = None
     """frames in the shuffle buffer per rank; None: the recipe's (256_000 for openvla-7b)"""
     save_every: int | None = None
@@ -99,8 +98,6 @@ class TrainConfig:
     """checkpoints kept in <run-dir>/checkpoints (older ones are deleted once a newer one is complete)"""
     resume: bool = False
     """continue from the latest checkpoint in <run-dir>/checkpoints: weights, optimizer, step, data position, RNG"""
-    resume_previous: bool = False
-    """with resume: continue from the checkpoint before the latest (one that cannot be read), set the latest aside"""
     export_only: bool = False
     """with resume: write the export from the latest checkpoint and stop"""
     export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -119,10 +116,10 @@ class TrainConfig:
 RECIPES = {
     "openvla-7b": dict(global_batch_size=2048, learning_rate=2e-5, schedule="constant", warmup_ratio=0.0,
                        weight_decay=0.0, epochs=1000, activation_checkpointing=True, shuffle_buffer_size=256_000,
-                       save_every=2500, bf16=True),
+                       save_every=2500, bf16=True, image_aug=False),
     "tiny": dict(global_batch_size=16, learning_rate=2e-3, schedule="warmup+cosine", warmup_ratio=0.03,
                  weight_decay=0.0, max_steps=1000, activation_checkpointing=False, shuffle_buffer_size=10_000,
-                 save_every=200, export_dir=Path("checkpoints/demo"), bf16=False),
+                 save_every=200, export_dir=Path("checkpoints/demo"), bf16=False, image_aug=False),
 }
 RECIPES["mid"] = RECIPES["openvla-7b"]
 
@@ -154,13 +151,12 @@ def resolve(config: TrainConfig, world: int) -> tuple[TrainConfig, int]:
 
 def lr_at(step: int, total: int, config: TrainConfig) -> float:
     """transformers' get_cosine_schedule_with_warmup (the original's warmup+cosine), or a constant."""
+    lr, warmup = config.learning_rate, int(total * config.warmup_ratio)
     if config.schedule == "constant":
-        return config.learning_rate
-    warmup = int(total * config.warmup_ratio)
+        return lr
     if step < warmup:
-        return config.learning_rate * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr * step / warmup
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,11 +185,9 @@ def setup_distributed():
 
 def shard(vla: VLA, mesh, bf16: bool, checkpointing: bool):
     """FSDP2 per ViT block and decoder layer, then the root (embeddings, patch embeds, projector, lm_head, norms).
-
-    A block unit is all-gathered (in bf16) just before it runs and freed after, so a rank holds one block's full
-    weights at a time. The last ViT block of each backbone never runs (features come from the second-to-last), so it
-    stays in the root unit: a unit that never runs forward breaks FSDP's bookkeeping for skipped-reduce accumulation.
-    """
+    A block unit is all-gathered (in bf16) just before it runs and freed after: a rank holds one block's full weights
+    at a time. Each ViT's last block never runs (features come from the second-to-last), so it stays in the root: a
+    unit that never runs forward breaks FSDP's bookkeeping for skipped-reduce accumulation."""
     mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     unused = {id(vla.get_parameter(name)) for name in vla.unused_parameter_names()}
     for block in vla.blocks():
@@ -257,9 +251,8 @@ def action_metrics(out, labels, begin_idx: int, decode) -> torch.Tensor:
     gt = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,) in the logits' row order
     preds, mask = out.logits.argmax(-1), gt > begin_idx  # action tokens: not EOS, not prompt
     l1 = (decode[preds] - decode[gt]).abs()[mask].sum()
-    return torch.stack([out.loss.detach().double(), ((preds == gt) & mask).sum().double(), mask.sum().double(),
-                        l1.double(), torch.ones((), dtype=torch.float64, device=l1.device),
-                        torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=l1.device)])
+    n = [out.loss.detach(), ((preds == gt) & mask).sum(), mask.sum(), l1, l1.new_tensor(1), l1.new_tensor(len(labels))]
+    return torch.stack([x.double() for x in n])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,19 +292,17 @@ def rank_state(dataset) -> dict:
     return state
 
 
-def load_checkpoint(found: list[Path], vla, optimizer, dataset, previous: bool) -> tuple[Path, int]:
-    """Restore the newest checkpoint (with previous: the one before, the newest renamed .set-aside-step-*)."""
-    rank, path = dist.get_rank(), found[-2] if previous and len(found) > 1 else found[-1]
-    if path != found[-1] and rank == 0:
-        found[-1].rename(found[-1].with_name(f".set-aside-{found[-1].name}"))  # this run saves that step again
+def load_checkpoint(found: list[Path], vla, optimizer, dataset) -> int:
+    """Restore the newest checkpoint; one that cannot be read is named, with the way to the one before it."""
+    rank, path = dist.get_rank(), found[-1]
     model_state, optim_state = get_state_dict(vla, optimizer, options=TRAINED_ONLY)
     state = {"model": model_state, "optimizer": optim_state, "step": 0, f"rank{rank}": rank_state(dataset)}
     try:
         dcp.load(state, checkpoint_id=path)  # fills the tensors in place, each rank reads the slices it owns
     except (Exception, dcp.api.CheckpointException) as e:  # a damaged file surfaces deep in torch: say the way on
         e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e  # a rank's error
-        way = (f"continue from the one before it, {found[-2].name}, with --config.resume-previous"
-               if path == found[-1] and len(found) > 1 else "no earlier checkpoint is left")
+        way = (f"to continue from the one before it, {found[-2].name}, move it aside: mv {path} "
+               f"{path.parent}/.unreadable-{path.name}" if len(found) > 1 else "no earlier checkpoint is left")
         raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); {way}") from None
     set_state_dict(vla, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=TRAINED_ONLY)
@@ -320,7 +311,7 @@ def load_checkpoint(found: list[Path], vla, optimizer, dataset, previous: bool) 
     torch.set_rng_state(mine["torch_rng"])
     if "cuda_rng" in mine:
         torch.cuda.set_rng_state(mine["cuda_rng"])
-    return path, int(state["step"])
+    return int(state["step"])
 
 
 def export(vla, config: TrainConfig, model_config, tokenizer, norm_stats, merge=None) -> Path | None:
@@ -334,12 +325,7 @@ def export(vla, config: TrainConfig, model_config, tokenizer, norm_stats, merge=
         out = VLA(replace(model_config, norm_stats=norm_stats))
     out.load_state_dict({k: v.to(dtype) for k, v in full.items()}, strict=True, assign=True)
     out.tokenizer, out.tokenizer_dir = tokenizer, config.init_from
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # save_pretrained's temporary, left by a killed export
-        shutil.rmtree(stale)
     out.save_pretrained(path)
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)  # save_pretrained's tempfile.mkdtemp made it 0700
     return path
 
 
@@ -353,8 +339,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     rank, world, device = setup_distributed()
     is_main = rank == 0
     config, accumulation = resolve(config, world)
-    run_dir = config.run_dir
-    found = checkpoints(run_dir)
+    run_dir, found = config.run_dir, checkpoints(config.run_dir)
     if found and not config.resume:
         raise SystemExit(f"{run_dir} already has checkpoints ({found[-1].name}); pass --config.resume to continue "
                          "it, or choose another --config.run-dir")
@@ -368,8 +353,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             raise data.DataError(f"{config.data_root}: no nanovla_demo dataset; the demo is written on first use only "
                                  f"to {TrainConfig.data_root}, elsewhere with python demo.py --data-dir DIR")
         if is_main:
-            print(f"writing the demo task to {config.data_root} (once)")
-            demo.make_demo(config.data_root)
+            demo.make_demo(config.data_root)  # once
         dist.barrier()
     dataset = data.RLDSDataset(config.data_root, config.data_mix, tokenizer, train=True, image_aug=config.image_aug,
                                image_size=model_config.vision[0].image_size, image_norm=model_config.image_norm,
@@ -413,11 +397,9 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
 
     step = 0
     if config.resume and found:
-        path, step = load_checkpoint(found, vla, optimizer, dataset, config.resume_previous)
+        step = load_checkpoint(found, vla, optimizer, dataset)
         if is_main:
-            print(f"resumed from {path} at step {step}")
-    elif config.resume and is_main:
-        print(f"no checkpoint in {run_dir / 'checkpoints'}: starting from scratch")
+            print(f"resumed from {found[-1]} at step {step}")
     total = config.max_steps or math.ceil(config.epochs * dataset.dataset_length / config.global_batch_size)
     norm_stats = {**model_config.norm_stats, **dataset.norm_stats}  # the init's keys stay usable, new data overrides
     if is_main:
@@ -447,8 +429,6 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     window = torch.zeros(6, dtype=torch.float64, device=device)
     bad_step = torch.tensor(-1, device=device)
     history, t_log, steps_in_window = [], time.perf_counter(), 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     while step < total and not config.export_only:
         lr = lr_at(step, total, config)
@@ -456,8 +436,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             group["lr"] = lr
         for micro in range(accumulation):
             batch = {k: v.to(device) for k, v in next(loader).items() if torch.is_tensor(v)}
-            # Reduce-scatter only after the last micro-batch; before it, FSDP keeps each block's unsharded gradient,
-            # upcast to fp32 (reduce_dtype), and adds to it. That costs memory: a full fp32 gradient per rank.
+            # reduce-scatter after the last micro-batch only; until then FSDP sums each block's unsharded fp32 grad
             vla.set_requires_gradient_sync(micro == accumulation - 1)
             # with labels, out.logits is (N, V): only the N supervised positions
             out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -499,7 +478,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
                       f"l1 {metrics['l1_loss']:.4f} | lr {lr:.2e} | {metrics['samples_per_s']:.1f} samples/s | "
                       f"eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True,
                       end="\r" if sys.stdout.isatty() and not last else "\n")
-                with open(run_dir / "metrics.jsonl", "a") as f:
+                with open(log, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 if config.wandb_project:
                     wandb.log(metrics, step=step)
@@ -515,19 +494,18 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
         print(f"exported {path}; serve it with: python serve.py --config.checkpoint {path}{key}")
         if config.data_mix == "nanovla_demo" and config.eval_episodes:
             result["success_rate"] = demo_success(path, config.eval_episodes)
+            print(f"closed-loop success {result['success_rate']:.0%} over {config.eval_episodes} demo episodes")
         if config.wandb_project:
             wandb.finish()
     dist.barrier()
     return result
 
 
-def demo_success(path: Path, episodes: int) -> float:
+def demo_success(path: Path, episodes: int, mirrored: bool = False) -> float:
     """Closed-loop success in the demo world (demo.py) of the checkpoint at path, loaded as serve.py loads it."""
     vla = VLA.from_pretrained(path, dtype=torch.float32)
     policy = lambda image, instruction: vla.predict_action(image, instruction, unnorm_key="nanovla_demo")  # noqa: E731
-    success = demo.demo_success_rate(policy, episodes=episodes)
-    print(f"closed-loop success {success:.0%} over {episodes} demo episodes")
-    return success
+    return demo.demo_success_rate(policy, episodes=episodes, mirrored=mirrored)
 
 
 def cli(main):
