@@ -211,20 +211,19 @@ class ServeBenchConfig:
     """clients sending maximum-size bodies in a loop while one normal client is timed (tiny fixture)"""
     skip_mid: bool = False
     """tiny fixture only (seconds)"""
-    max_batch_size: int = 16
-    """the batched server's limit; the baseline server runs with 1 (one request at a time, as deploy.py)"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def post(port: int, body: bytes) -> tuple[int, bytes]:
+def http(port: int, body: bytes | None = None) -> bytes:
+    """POST /act with body (GET /health without) -> the answer; asserts a 200."""
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("POST", "/act", body, {"Content-Type": "application/json"})
+    conn.request("POST" if body else "GET", "/act" if body else "/health", body)
     r = conn.getresponse()
-    out = r.status, r.read()
-    conn.close()
-    return out
+    data, _ = r.read(), conn.close()
+    assert r.status == 200, data[:200]
+    return data
 
 
 def serve_load(port: int, n_clients: int, n_requests: int, bodies: list[bytes]) -> tuple[list[float], float]:
@@ -233,134 +232,96 @@ def serve_load(port: int, n_clients: int, n_requests: int, bodies: list[bytes]) 
 
     def one(i):
         t = time.perf_counter()
-        status, data = post(port, bodies[i % len(bodies)])
-        assert status == 200, data[:200]
+        http(port, bodies[i % len(bodies)])
         return time.perf_counter() - t
 
     t = time.perf_counter()
     with ThreadPoolExecutor(n_clients) as pool:
-        latencies = list(pool.map(one, range(n_requests)))
-    return latencies, time.perf_counter() - t
+        return list(pool.map(one, range(n_requests))), time.perf_counter() - t
 
 
 def start_server(checkpoint, *flags: str):
-    """`python serve.py` as a user runs it, in its own process -> (process, port). Not in this process: each thread
-    that runs torch ops gets an OpenMP team, and two live servers here would mean two teams, past the core count,
-    where libgomp stops spinning between parallel regions (serve.py keeps all its torch work on one thread)."""
+    """`python serve.py` in its own process -> (process, port, unnorm key, 8 json_numpy 256x256 request bodies). Not
+    in this process: each thread running torch ops gets an OpenMP team, and two servers here would mean two teams."""
     import re
     import threading
 
-    cmd = [sys.executable, "serve.py", "--config.checkpoint", str(checkpoint), "--config.port", "0", *flags]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:  # until it logs its address
-        lines.append(line)
-        if match := re.search(r" on http://127\.0\.0\.1:(\d+)", line):
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining its log
-            return proc, int(match[1])
-    raise RuntimeError("serve.py did not start:\n" + "".join(lines[-20:]))
-
-
-def get_health(port: int) -> dict:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.request("GET", "/health")
-    return json.loads(conn.getresponse().read())
-
-
-def act_bodies(key: str, shape=(256, 256, 3), n=8) -> list[bytes]:
     import json_numpy
 
-    rng = np.random.default_rng(0)
-    return [json_numpy.dumps({"image": rng.integers(0, 256, shape, dtype=np.uint8), "instruction": f"pick up cup {i}",
-                              "unnorm_key": key}).encode() for i in range(n)]
+    cmd = [sys.executable, "serve.py", "--config.checkpoint", str(checkpoint), "--config.port", "0", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # until it logs its address
+        if match := re.search(r" on http://127\.0\.0\.1:(\d+)", line):
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining its log
+            key, rng = json.loads(http(int(match[1])))["unnorm_keys"][0], np.random.default_rng(0)
+            bodies = [json_numpy.dumps({"image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), "unnorm_key": key,
+                                        "instruction": f"pick up cup {i}"}).encode() for i in range(8)]
+            return proc, int(match[1]), key, bodies
+    raise RuntimeError(f"serve.py did not start: {line}")
 
 
 def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, requests: tuple[int, ...]):
     servers = {mode: start_server(checkpoint, "--config.dtype", dtype, "--config.device", config.device,
                                   "--config.max-batch-size", str(size))
-               for mode, size in (("one-at-a-time", 1), ("batched", config.max_batch_size))}
+               for mode, size in (("one-at-a-time", 1), ("batched", 16))}
     print(f"  {'clients':>7} {'mode':<14} {'requests':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10}")
     results = {}
-    try:
-        bodies = act_bodies(get_health(servers["batched"][1])["unnorm_keys"][0])
-        for _, port in servers.values():
-            serve_load(port, 1, 2, bodies)  # warm-up: the first requests of a fresh process
-        for n_clients, n_requests in zip(config.clients, requests, strict=True):
-            for mode, (_, port) in servers.items():  # interleaved, so drift in machine load hits both alike
-                batches = get_health(port)["batches"]
-                latencies, wall = serve_load(port, n_clients, n_requests, bodies)
-                p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
-                results[n_clients, mode] = (n_requests / wall, p50, p99)
-                mean_batch = n_requests / (get_health(port)["batches"] - batches)
-                print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {n_requests / wall:>9.3f} {p50:>9.1f} {p99:>9.1f} "
-                      f"{mean_batch:>10.2f}", flush=True)
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()  # SIGTERM, graceful: serve.py finishes what is in flight
-            proc.wait(60)
+    for _, port, _, bodies in servers.values():
+        serve_load(port, 1, 2, bodies)  # warm-up: the first requests of a fresh process
+    for n_clients, n_requests in zip(config.clients, requests, strict=True):
+        for mode, (_, port, _, bodies) in servers.items():  # interleaved: drift in machine load hits both alike
+            batches = json.loads(http(port))["batches"]
+            latencies, wall = serve_load(port, n_clients, n_requests, bodies)
+            rate, p50, p99 = results[n_clients, mode] = (n_requests / wall, *np.percentile(latencies, [50, 99]) * 1e3)
+            mean_batch = n_requests / (json.loads(http(port))["batches"] - batches)
+            print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {rate:>9.3f} {p50:>9.1f} {p99:>9.1f} {mean_batch:>10.2f}",
+                  flush=True)
+    for proc, *_ in servers.values():
+        proc.terminate()  # SIGTERM: serve.py finishes what is in flight
     for n_clients in config.clients:
         report(f"{name}: req/s, {n_clients} clients, batched", results[n_clients, "batched"][0], "req/s",
                "one-at-a-time", results[n_clients, "one-at-a-time"][0])
-    for mode in servers:
-        _, p50, p99 = results[config.clients[0], mode]
-        report(f"{name}: p99 latency, {config.clients[0]} client, {mode}", p99, "ms", "its p50", p50)
+    for mode in servers:  # the first measurement: one client
+        report(f"{name}: p99 latency, 1 client, {mode}", results[1, mode][2], "ms", "its p50", results[1, mode][1])
 
 
 def bench_abuse(config: ServeBenchConfig):
-    """A normal client's p50 latency, and the server's memory, while clients send maximum-size bodies in a loop."""
+    """A normal client's p50, and the server's peak RSS, while other clients send maximum-size bodies in a loop."""
     import threading
 
+    import json_numpy
     from PIL import Image
 
-    proc, port = start_server(FIXTURE, "--config.device", config.device)
-    key = get_health(port)["unnorm_keys"][0]
+    proc, port, key, bodies = start_server(FIXTURE, "--config.device", config.device)
     png = io.BytesIO()
     Image.new("RGB", (1920, 1080)).save(png, format="PNG")  # 6 KB that decode to 6 MB
-    rows = 16 * 2**20 // len(json.dumps([[0, 0, 0]] * 1920))  # nested lists: as many rows as 16 MiB holds
-    floods = {"json_numpy 1920x1080": act_bodies(key, (1080, 1920, 3), n=1)[0],
-              f"nested lists {rows}x1920": json.dumps({"image": [[[0, 0, 0]] * 1920] * rows, "instruction": "go",
-                                                        "unnorm_key": key}).encode()[:16 * 2**20],
-              "PNG 1920x1080": json.dumps({"image": base64.b64encode(png.getvalue()).decode(), "instruction": "go",
-                                           "unnorm_key": key}).encode()}
-    rss = lambda: next(int(l.split()[1]) // 1024 for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmRSS"))
-    bodies = act_bodies(key)
-    try:
-        serve_load(port, 1, 4, bodies)
-        alone = np.median(serve_load(port, 1, 40, bodies)[0]) * 1e3
-        print(f"  a normal client alone: p50 {alone:.1f} ms, server RSS {rss()} MB")
-        for kind, body in floods.items():
-            for n in config.abusers:
-                stop, peak = threading.Event(), [0]
-
-                def flood():
-                    while not stop.is_set():
-                        post(port, body)
-                        peak[0] = max(peak[0], rss())
-
-                threads = [threading.Thread(target=flood) for _ in range(n)]
-                [t.start() for t in threads]
-                time.sleep(1.0)
-                p50 = np.median(serve_load(port, 1, 20, bodies)[0]) * 1e3
-                stop.set()
-                [t.join() for t in threads]
-                report(f"p50, {n} clients sending {kind}", p50, "ms", "alone", alone)
-                print(f"  {'':<44} server RSS peak {peak[0]} MB")
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    big = {"json_numpy 1920x1080": np.zeros((1080, 1920, 3), np.uint8), "PNG 1920x1080": base64.b64encode(
+        png.getvalue()).decode(), "nested lists 256x256": [[[0] * 3] * 256] * 256}  # the largest each form may send
+    peak = lambda: next(int(l.split()[1]) // 1024 for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmHWM"))
+    alone = np.median(serve_load(port, 1, 40, bodies)[0]) * 1e3
+    print(f"  a normal client alone: p50 {alone:.1f} ms, server peak RSS {peak()} MB")
+    for kind, image in big.items():
+        body = json_numpy.dumps({"image": image, "instruction": "go", "unnorm_key": key}).encode()
+        for n in config.abusers:
+            stop = threading.Event()
+            threads = [threading.Thread(target=lambda: [http(port, body) for _ in iter(stop.is_set, True)])
+                       for _ in range(n)]
+            [t.start() for t in threads]
+            p50 = np.median(serve_load(port, 1, 20, bodies)[0]) * 1e3
+            stop.set()
+            [t.join() for t in threads]
+            report(f"p50, {n} clients sending {kind}", p50, "ms", "alone", alone)
+            print(f"  {'':<44} server peak RSS {peak()} MB")
+    proc.terminate()
 
 
 def serve_bench(config: ServeBenchConfig):
-    """Requests/s and p50/p99 latency of serve.py at 1/4/16 clients: batched vs one-at-a-time, measured alternately
-    in the same run, each a `python serve.py` process; the clients are threads of this process. Then a normal
+    """Requests/s and p50/p99 latency of serve.py at 1/4/16 clients, batched (max_batch_size 16) vs one-at-a-time,
+    measured alternately in one run, each a `python serve.py` process with client threads here; then a normal
     client's latency and the server's memory while other clients send maximum-size bodies."""
     from model import VLA
 
-    print(f"machine: {machine()}")
-    print(f"serve.py over 127.0.0.1, 256x256 json_numpy requests, batched = max_batch_size {config.max_batch_size}")
-    print("tiny fixture (../shared/fixtures/openvla-tiny), float32:")
+    print(f"machine: {machine()}\nserve.py over 127.0.0.1, 256x256 json_numpy requests\ntiny fixture, float32:")
     bench_serving("tiny", FIXTURE, "float32", config, config.tiny_requests)
     print("tiny fixture, one normal client among clients sending maximum-size bodies:")
     bench_abuse(config)
