@@ -274,8 +274,8 @@ def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, reques
             latencies, wall = serve_load(port, n_clients, n_requests, bodies)
             rate, p50, p99 = results[n_clients, mode] = (n_requests / wall, *np.percentile(latencies, [50, 99]) * 1e3)
             mean_batch = n_requests / (json.loads(http(port))["batches"] - batches)
-            print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {rate:>9.3f} {p50:>9.1f} {p99:>9.1f} {mean_batch:>10.2f}",
-                  flush=True)
+            print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {rate:>9.3f} {p50:>9.1f} {p99:>9.1f} "
+                  f"{mean_batch:>10.2f}")
     for proc, *_ in servers.values():
         proc.terminate()  # SIGTERM: serve.py finishes what is in flight
     for n_clients in config.clients:

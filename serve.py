@@ -3,7 +3,6 @@
 A drop-in for openvla's `vla-scripts/deploy.py` (its json_numpy clients work unchanged), on the standard library's
 ThreadingHTTPServer; one model worker batches concurrent requests through predict_actions.
 
-    python serve.py                                                  # the demo checkpoint `python train.py` wrote
     python serve.py --config.checkpoint checkpoints/openvla-7b --config.token "$TOKEN" --config.host 0.0.0.0
 
 A client ("unnorm_key" may be left out when the checkpoint has statistics for one dataset only):
@@ -192,7 +191,7 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
     if n_bytes > config.max_instruction_bytes:
         raise bad(f"instruction is {n_bytes} bytes", f"at most {config.max_instruction_bytes} UTF-8 bytes")
     if unnorm_key is not None and not isinstance(unnorm_key, str):
-        raise bad(f"field 'unnorm_key' must be a string, not {type(unnorm_key).__name__}", f"one of {sorted(norm_stats)}")
+        raise bad(f"field 'unnorm_key' must be a string, not {type(unnorm_key).__name__}", f"{sorted(norm_stats)}")
     try:
         unnorm_key = resolve_unnorm_key(norm_stats, unnorm_key)
     except ValueError as e:
@@ -286,13 +285,6 @@ class PolicyServer(ThreadingHTTPServer):
             with self.cond:
                 self.decoding, self.decoding_bytes = self.decoding - 1, self.decoding_bytes - n_bytes
                 self.cond.notify_all()
-
-    def submit(self, image, instruction: str, unnorm_key: str) -> Job:
-        """Blocks until the model answered; the returned job holds the action or the model's error."""
-        job = Job(image, instruction, unnorm_key, threading.Event())
-        self.jobs.put(job)
-        job.done.wait()
-        return job
 
     def stop(self):
         """Graceful and prompt: stop accepting and end every connection's reading, so idle and still-sending ones
@@ -391,7 +383,8 @@ class Handler(BaseHTTPRequestHandler):
             status, body, ctype, self.extra_headers = e.status, e.body, "application/json", e.headers
         except Exception as e:  # a bug in this file: 500, logged, and the server keeps serving
             log.exception("internal error on %s %s", self.command, self.path)
-            status, body, ctype = 500, HTTPError(500, f"internal error: {type(e).__name__}: {e}").body, "application/json"
+            error = HTTPError(500, f"internal error: {type(e).__name__}: {e}")
+            status, body, ctype = 500, error.body, "application/json"
         self.send(status, body, ctype)
         self.discard_unread_body()
         if self.path.split("?")[0] == "/act":
@@ -418,12 +411,13 @@ class Handler(BaseHTTPRequestHandler):
             health = self.health()
             return 200 if server.vla is not None else 503, json.dumps(health).encode(), "application/json"
         if server.vla is None:
-            raise HTTPError(503, "the model is still loading", "retry shortly; GET /health says when it is ready", RETRY)
+            raise HTTPError(503, "the model is still loading", "retry; GET /health says when it is ready", RETRY)
         length = self.content_length()
         with server.admit(length, self.reader.deadline):  # images are decoded only once admitted
             image, instruction, unnorm_key, form = parse_act(self.read_body(length), server.vla.norm_stats,
                                                              server.config)
-        job = server.submit(image, instruction, unnorm_key)
+        server.jobs.put(job := Job(image, instruction, unnorm_key, threading.Event()))
+        job.done.wait()  # the model worker answers it, or sets its error
         self.batch_size = job.batch_size
         if job.error:
             raise HTTPError(500, f"model failed: {job.error}", "a valid request; the traceback is in the server log")
@@ -476,8 +470,7 @@ class Handler(BaseHTTPRequestHandler):
         weight = next(server.vla.parameters())  # where and in what dtype the model actually lives
         return {"status": "ok", **name, "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
                 "unnorm_keys": sorted(server.vla.norm_stats), "uptime_s": round(time.monotonic() - server.started, 1),
-                "requests_served": server.counts["served"], "requests_failed": server.counts["failed"],
-                "batches": server.n_batches, "max_batch_size": config.max_batch_size}
+                **{f"requests_{k}": n for k, n in server.counts.items()}, "batches": server.n_batches}
 
     def send(self, status: int, body: bytes, ctype: str):
         self.connection.settimeout(self.server.config.request_timeout_s)  # the answer, too, has a deadline
@@ -503,12 +496,11 @@ class Handler(BaseHTTPRequestHandler):
                   "application/json")
         self.log_line(code)
 
-    def log_line(self, status: int, extra: str = ""):
+    def log_line(self, status: int, extra: str = ""):  # one line per request; http.server's log_message is silenced
         what = f"{self.command} {getattr(self, 'path', '')[:100]}".encode("unicode_escape").decode()  # no raw ESC
         log.info("%s %s %d%s", self.client_address[0], what, status, extra)
 
-    def log_message(self, format, *args):
-        pass  # log_line writes one line per request instead
+    log_message = lambda self, format, *args: None  # noqa: E731
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -547,14 +539,8 @@ def main(config: ServeConfig) -> dict:
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         log.warning("on %s without --config.token: anyone who reaches this port can move the robot", config.host)
     stopping = threading.Event()
-
-    def on_signal(signum, frame):
-        log.info("%s: finishing requests in flight, then exiting (again to force)", signal.Signals(signum).name)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once
-        stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the main thread then stops the server: answers in flight finish
+        signal.signal(sig, lambda signum, frame: stopping.set())
     # serve_forever runs in a thread because shutdown() must come from another thread than the one serving.
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log.info("loading %s; GET %s/health says 503 until it is ready", config.checkpoint, server.url)

@@ -13,7 +13,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -1416,18 +1415,13 @@ def served():
            "--config.max-image-pixels", str(SERVE_MAX_PIXELS)]
     env = {**os.environ, "NANOVLA_TOKEN": SERVE_TOKEN}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, ready = [], threading.Event()
-
-    def read():  # keeps draining the pipe so the server never blocks on its per-request log lines
-        for line in proc.stdout:
-            lines.append(line)
-            if " on http://" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    ready.wait(120)
-    if not (match := re.search(r" on http://127\.0\.0\.1:(\d+)", "".join(lines))):
+    lines, deadline = [], time.monotonic() + 120
+    threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()  # drains the log as it comes
+    while not (match := re.search(r" on http://127\.0\.0\.1:(\d+)", "".join(lines))) and proc.poll() is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if not match:
         proc.kill()
         pytest.fail("serve.py did not start:\n" + "".join(lines))
     yield SimpleNamespace(proc=proc, port=int(match[1]), lines=lines)
@@ -1538,21 +1532,11 @@ def test_serve_usage_health_token_and_http_hygiene(served):
         assert s.recv(1 << 16).startswith(b"HTTP/1.1 200 ")
 
 
-class _Touch:
-    """A pickle that would create a file if anything ever unpickled it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return Path.touch, (self.path,)
-
-
 def test_serve_rejects_bad_input_and_keeps_serving(served, expected, tmp_path):
     image, instruction, key, want = _case(expected, 0)
     nj = lambda **fields: json_numpy.dumps({"image": image, "instruction": instruction, "unnorm_key": key, **fields})
     raw = lambda data, dtype, shape: {"__numpy__": base64.b64encode(data).decode(), "dtype": dtype, "shape": shape}
-    big, pickled = np.zeros((600, 600, 3), np.uint8), pickle.dumps(_Touch(tmp_path / "unpickled"))
+    big, pickled = np.zeros((600, 600, 3), np.uint8), b"cos\nsystem\n(S'touch %s'\ntR." % str(tmp_path / "x").encode()
     bad = [  # (method, path, body, status, words the error must contain)
         ("POST", "/act", b'{"image": [1, 2', 400, "not valid JSON"),
         ("POST", "/act", b"\xff\xfe\x00garbage", 400, "not valid JSON"),
@@ -1596,9 +1580,8 @@ def test_serve_rejects_bad_input_and_keeps_serving(served, expected, tmp_path):
         assert got == status and headers["Content-Type"] == "application/json", (method, path, words, got, data[:300])
         err = json.loads(data)
         assert words in err["error"] and err.get("expected"), (words, err)
-    assert not (tmp_path / "unpickled").exists()
-    # Content-Length: refused before the body is read when too large (413) or missing (411); '²' passes isdigit();
-    # two that differ are ambiguous
+    assert not (tmp_path / "x").exists()  # the pickle would have run `touch`
+    # Content-Length too large (413, before the body is read), missing (411), '²' (isdigit() says yes), two differ
     post = b"POST /act HTTP/1.1\r\nAuthorization: Bearer %s\r\nConnection: close\r\n" % SERVE_TOKEN.encode()
     for lengths, status in (([b"1000000000"], 413), ([], 411), ([b"\xb2"], 400), ([b"2", b"3"], 400)):
         reply = _raw(served.port, post + b"".join(b"Content-Length: %s\r\n" % n for n in lengths) + b"\r\n{}")
@@ -1615,16 +1598,11 @@ def test_serve_16_concurrent_clients_are_batched_and_correct(served, expected):
         start.wait(30)
         return _act_json_numpy(served.port, image, instruction, key), want
 
-    n_logged = sum("batch=" in line for line in served.lines)
+    batches = json.loads(_http(served.port, "GET", "/health")[2])["batches"]
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(client, range(16)))
-    for action, want in results:
-        np.testing.assert_allclose(action, want, rtol=0, atol=1e-6)
-    deadline = time.monotonic() + 10  # the server logs each line right after answering
-    while sum("batch=" in line for line in served.lines) < n_logged + 16 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    sizes = [int(m[1]) for line in served.lines[-40:] if (m := re.search(r"batch=(\d+)", line))]
-    assert max(sizes) > 1, "16 simultaneous clients were never batched"
+        for action, want in pool.map(client, range(16)):
+            np.testing.assert_allclose(action, want, rtol=0, atol=1e-6)
+    assert json.loads(_http(served.port, "GET", "/health")[2])["batches"] - batches < 16, "never batched"
 
 
 def test_serve_sigterm_exits_promptly_with_a_client_trickling_headers(served):
@@ -1641,14 +1619,11 @@ class _FakeVLA:
     """Stands in for the model: records batch sizes, takes 0.5 s on 'slow', and breaks on 'explode'."""
 
     def __init__(self):
-        import torch
-
         self.norm_stats, self.batches, self.started = {"fake": {}}, [], threading.Event()
         self.weight = torch.zeros(1)
         self.threads = {threading.current_thread().name}  # where it was built, then where every call ran
 
-    def parameters(self):
-        return iter([self.weight])
+    parameters = lambda self: iter([self.weight])  # noqa: E731
 
     def predict_actions(self, images, instructions, unnorm_key=None):
         self.threads.add(threading.current_thread().name)
@@ -1702,16 +1677,7 @@ def test_serve_model_failure_is_500_and_stop_finishes_requests_in_flight():
             _post(port, "after stop")
 
 
-def test_serve_deadlines_cut_slow_clients():
-    with _fake_server(request_timeout_s=1) as server:
-        port, t = server.server_address[1], time.monotonic()
-        assert _raw(port, b"GET /health HTTP/1.1\r\nX-Slow: ") == b""  # headers unfinished: cut at the deadline
-        reply = _raw(port, b"POST /act HTTP/1.1\r\nContent-Length: 100\r\n\r\n{}")  # a body that never comes
-        assert reply.startswith(b"HTTP/1.1 408 ") and time.monotonic() - t < 6
-        assert _post(port, "abc")[0] == 200
-
-
-def test_serve_health_is_503_loading_until_the_model_is_ready():
+def test_serve_health_is_503_loading_until_the_model_is_ready_and_load_errors_reach_the_caller():
     ready = threading.Event()
     with _fake_server(load=None) as server:
         attach = threading.Thread(target=server.attach, args=(lambda: ready.wait(30) and _FakeVLA(),))
@@ -1724,10 +1690,18 @@ def test_serve_health_is_503_loading_until_the_model_is_ready():
         attach.join(10)
         assert _http(port, "GET", "/health")[0] == 200 and _post(port, "abc")[0] == 200
 
+    def load():
+        raise SystemExit("cannot load /nowhere: missing config.json")
+    with pytest.raises(SystemExit, match="missing config.json"), _fake_server(load=load):  # re-raised for main()
+        pass
 
-def test_serve_bounds_connections_and_bytes_being_decoded():
-    with _fake_server(max_connections=3, max_decode_bytes=100) as server:
-        port = server.server_address[1]
+
+def test_serve_bounds_time_connections_and_bytes_being_decoded():
+    with _fake_server(request_timeout_s=1, max_connections=3, max_decode_bytes=100) as server:
+        port, t = server.server_address[1], time.monotonic()
+        assert _raw(port, b"GET /health HTTP/1.1\r\nX-Slow: ") == b""  # headers unfinished: cut at the deadline
+        reply = _raw(port, b"POST /act HTTP/1.1\r\nContent-Length: 100\r\n\r\n{}")  # a body that never comes
+        assert reply.startswith(b"HTTP/1.1 408 ") and time.monotonic() - t < 6
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         time.sleep(0.3)
         assert _raw(port, b"GET /health HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503 ")  # a 4th: refused at once
@@ -1744,13 +1718,6 @@ def test_serve_bounds_connections_and_bytes_being_decoded():
             assert busy.value.status == 503
         with server.admit(500, soon()):  # over the budget but alone: admitted
             pass
-
-
-def test_serve_load_error_reaches_the_caller():
-    def load():
-        raise SystemExit("cannot load /nowhere: missing config.json")
-    with pytest.raises(SystemExit, match="missing config.json"), _fake_server(load=load):  # re-raised for main()
-        pass
 
 
 if __name__ == "__main__":  # torchrun test_vla.py <check> <args>: one of the train section's multi-rank checks
