@@ -136,7 +136,8 @@ hwm = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.star
 base, t = hwm(), time.perf_counter()
 if sys.argv[2] == "plain":
     from safetensors.torch import load_file
-    tensors = [load_file(f) for f in sorted(glob.glob(sys.argv[1] + "/*.safetensors"))]
+    files = sorted(glob.glob(sys.argv[1] + "/*.safetensors"))  # load_file maps lazily; clone reads, as a load must
+    tensors = [{k: t.clone() for k, t in load_file(f).items()} for f in files]
 else:
     from model import VLA
     vla = VLA.from_pretrained(sys.argv[1], dtype=torch.bfloat16)

@@ -105,26 +105,23 @@ def check_state(headers: dict, shapes: dict, where) -> None:
 
 
 def read_tensor(headers: dict, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """One tensor in its stored dtype, on CPU; rows=(start, stop) reads only those rows of dim 0. One open per
-    tensor: the file's mapping is released after each read, so resident memory stays ~ one tensor."""
+    """One tensor in its stored dtype, on CPU; rows=(start, stop) reads only those rows of dim 0. safetensors returns
+    a private map of the file, read lazily: copy it to hold it in memory (load_weights does)."""
     with safe_open(headers[key][0], "pt") as f:
         return f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
 
 
 def load_weights(vla: torch.nn.Module, headers: dict, dtype: torch.dtype, device):
-    """Each tensor read, cast to dtype on device, and assigned in place of the meta model's placeholder (no
-    to_empty: nothing is allocated twice, and meta empty_like would import torch's symbolic-shape machinery)."""
+    """Each tensor copied out of its file (cast to dtype, on device) and assigned in place of the meta model's
+    placeholder: one mapped tensor at a time, nothing allocated twice, and no to_empty (meta empty_like would import
+    torch's symbolic-shape machinery). The copy decouples the model from the files, which may be replaced later."""
     state = {}
-    bar = _bytes_bar(sum(s.itemsize * _numel(shape) for _, s, shape in headers.values()), "loading weights")
+    bar = _bytes_bar(sum(s.itemsize * torch.Size(shape).numel() for _, s, shape in headers.values()), "loading weights")
     for key, (_, stored, shape) in headers.items():
-        state[key] = read_tensor(headers, key).to(device=device, dtype=dtype)
-        bar.update(stored.itemsize * _numel(shape))
+        state[key] = read_tensor(headers, key).to(device=device, dtype=dtype, copy=True)
+        bar.update(stored.itemsize * torch.Size(shape).numel())
     bar.close()
     vla.load_state_dict(state, assign=True)
-
-
-def _numel(shape):
-    return int(torch.Size(shape).numel())
 
 
 def _bytes_bar(total: int, desc: str):

@@ -79,8 +79,8 @@ SIGLIP_SO = ViTConfig(1152, 27, 16, 4304, "siglip")  # vit_so400m_patch14_siglip
 DINO_NORM = ([0.484375, 0.455078125, 0.40625], [0.228515625, 0.2236328125, 0.224609375])  # bf16(ImageNet mean/std)
 SIGLIP_NORM = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 
-# vision_backbone_id -> (timm ids, [(ViTConfig, normalization)]), REFERENCE.md 2.1. CLIP-based ids need quick-gelu and
-# a cls token with norm_pre; they are not used by any OpenVLA release and are rejected with a clear error.
+# vision_backbone_id -> (timm ids, [(ViTConfig, normalization)], image size), prismatic/models/materialize.py. CLIP
+# ids need quick-gelu and a cls token with norm_pre; no OpenVLA release uses them, so they are rejected.
 BACKBONES = {
     "dinosiglip-vit-so-224px": (["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
                                 [(DINO_L, DINO_NORM), (SIGLIP_SO, SIGLIP_NORM)], 224),
@@ -100,7 +100,7 @@ def _config(backbone_id, vits, llm, **kw):
 
 
 CONFIGS = {
-    # The released model (REFERENCE.md 1.4): 7,541,237,184 parameters.
+    # The released openvla/openvla-7b: 7,541,237,184 parameters.
     "openvla-7b": _config("dinosiglip-vit-so-224px", [DINO_L, SIGLIP_SO], LlamaConfig(vocab_size=32064)),
     # Real-size ViTs and a ~1B Llama-shaped decoder: a realistic CPU benchmark.
     "mid": _config("dinosiglip-vit-so-224px", [DINO_L, SIGLIP_SO],
@@ -140,7 +140,7 @@ class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()  # exact erf GELU in both ViTs (timm 0.9.10 SigLIP included), REFERENCE.md 2.2
+        self.act = nn.GELU()  # exact erf GELU in both ViTs: timm 0.9.10's default act_layer, SigLIP included
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -417,7 +417,7 @@ class VLA(nn.Module):
         self.language_model = LlamaForCausalLM(config.llm)
         self.action_head = self.proprio_projector = None  # OFT's (oft.py): from_pretrained attaches them when present
         self.tokenizer = None  # set by build / from_pretrained
-        # Action ids count down from the base vocabulary: 32064 rows - 64 padding = 32000 (REFERENCE.md 1.6)
+        # Action ids count down from the base vocabulary: 32064 rows - 64 padding = 32000 (modeling_prismatic.py)
         self.action_tokenizer = ActionTokenizer(config.llm.vocab_size - config.pad_to_multiple_of, config.n_action_bins)
 
     @property
@@ -443,7 +443,7 @@ class VLA(nn.Module):
     # -- training forward ---------------------------------------------------------------------------------------
 
     def embed(self, pixel_values, input_ids):
-        """[BOS, 256 projected patches, rest of the text]: image tokens go right after BOS (REFERENCE.md 4.1)."""
+        """[BOS, 256 projected patches, rest of the text], as prismatic/models/vlms/prismatic.py orders them."""
         patches = self.projector(self.vision_backbone(pixel_values.to(self.projector.fc1.weight.dtype)))  # (B, P, D)
         tokens = self.language_model.model.embed_tokens(input_ids)  # (B, T, D)
         return torch.cat([tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:]], dim=1)
@@ -499,16 +499,15 @@ class VLA(nn.Module):
         return ids if ids[-1] == empty else ids + [empty]
 
     @torch.inference_mode()
-    def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int, use_cache: bool = True):
-        """Greedy decoding for B prompts of any lengths in one batch -> (B, max_new_tokens) token ids.
+    def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int):
+        """Greedy KV-cached decoding for B prompts of any lengths in one batch -> (B, max_new_tokens) token ids.
 
         Rows are left-padded *after* the multimodal embedding ([pad.., BOS, patches, text]) so every row's next token
         lands in the same column; positions restart at 0 on each row's BOS, and padded keys are masked, so each row
-        equals its one-by-one result. With use_cache=False every step re-runs the whole sequence (the test oracle).
+        equals its one-by-one result.
         """
         device = self.projector.fc1.weight.device
-        B, lengths = len(prompts), [len(p) for p in prompts]
-        T = max(lengths)
+        B, lengths, T = len(prompts), [len(p) for p in prompts], max(len(p) for p in prompts)
         ids = torch.tensor([p + [self.config.pad_token_id] * (T - len(p)) for p in prompts], device=device)
         x = self.embed(pixel_values.to(device), ids)  # (B, L, D), right-padded
         L = x.shape[1]
@@ -522,26 +521,16 @@ class VLA(nn.Module):
             key_valid = torch.arange(L, device=device)[None] >= n_pad[:, None]
             position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)
 
-        llm = self.language_model
-        cfg = self.config.llm
-        cache = None
-        if use_cache:
-            cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads or cfg.num_attention_heads,
-                            L + max_new_tokens, cfg.hidden_size // cfg.num_attention_heads, x.dtype, device)
-        out = []
+        llm, cfg, out = self.language_model, self.config.llm, []
+        cache = KVCache(cfg.num_hidden_layers, B, cfg.num_key_value_heads or cfg.num_attention_heads,
+                        L + max_new_tokens, cfg.hidden_size // cfg.num_attention_heads, x.dtype, device)
         for step in range(max_new_tokens):
-            mask = attention_bias(key_valid, x.shape[1] if not use_cache or step == 0 else 1) if padded else None
-            hidden = llm.model(x, position_ids, mask, cache)
-            next_id = llm.lm_head(hidden[:, -1]).argmax(-1)  # (B,), greedy
+            mask = attention_bias(key_valid, x.shape[1]) if padded else None  # prefill: all L queries; then one
+            next_id = llm.lm_head(llm.model(x, position_ids, mask, cache)[:, -1]).argmax(-1)  # (B,), greedy
             out.append(next_id)
-            new_x = llm.model.embed_tokens(next_id)[:, None]
-            new_pos = position_ids[:, -1:] + 1
+            x, position_ids = llm.model.embed_tokens(next_id)[:, None], position_ids[:, -1:] + 1
             if padded:
                 key_valid = torch.cat([key_valid, key_valid.new_ones(B, 1)], dim=1)
-            if use_cache:
-                x, position_ids = new_x, new_pos
-            else:
-                x, position_ids = torch.cat([x, new_x], 1), torch.cat([position_ids, new_pos], 1)
         return torch.stack(out, dim=1).cpu()
 
     def predict_actions(self, images, instructions, unnorm_key=None, proprio=None, center_crop=True) -> np.ndarray:

@@ -264,9 +264,13 @@ def test_cached_equals_uncached_and_batched_equals_single(expected, fixture_vla)
     images = [fixture_image(c) for c in cases]
     prompts = [case_inputs(vla, c)[1] for c in cases]
     pixel_values = vla.preprocess(images)
-    cached = vla.generate(pixel_values, prompts, 7)
-    uncached = vla.generate(pixel_values, prompts, 7, use_cache=False)
-    assert torch.equal(cached, uncached)
+    cached = vla.generate(pixel_values, prompts, 7)  # one left-padded batch
+    for row, prompt in enumerate(prompts):  # the oracle: greedy over the whole sequence, one row at a time, no cache
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(7):
+                ids.append(int(vla(pixel_values[row:row + 1], torch.tensor([ids])).logits[0, -1].argmax()))
+        assert cached[row].tolist() == ids[len(prompt):]
     # rows of different prompt lengths in one left-padded batch equal their one-by-one results
     assert len({len(p) for p in prompts}) > 1
     batched = vla.predict_actions(images, [c["instruction"] for c in cases], [c["unnorm_key"] for c in cases])

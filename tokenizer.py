@@ -5,7 +5,7 @@ training (data.py) and serving (model.py, serve.py) share one implementation.
 
     python -c "from tokenizer import ActionTokenizer; print(ActionTokenizer().encode([0.0]*7))"
 
-The numbers follow the original OpenVLA (prismatic/vla/action_tokenizer.py, REFERENCE.md sections 5-7):
+The numbers follow the original OpenVLA (prismatic/vla/action_tokenizer.py):
     normalized action in [-1, 1]  --np.digitize on 256 edges-->  d in 1..256  -->  token id = 32000 - d
     token id  -->  d = 32000 - id  -->  bin center k = clip(d - 1, 0, 254)  -->  value in [-0.996, 0.996]
 """
@@ -54,7 +54,8 @@ class ActionTokenizer:
 
 
 def normalize_actions(actions, stats: dict) -> np.ndarray:
-    """BOUNDS_Q99 normalization to [-1, 1] (OpenVLA's training setting, REFERENCE.md 7.1).
+    """BOUNDS_Q99 normalization to [-1, 1], OpenVLA's training setting (prismatic/vla/datasets/rlds/utils/
+    data_utils.py).
 
     `stats` is one entry's "action" dict (q01, q99, min, max, mask). Dimensions whose mask is False (the gripper)
     pass through unchanged; dimensions with min == max become 0, as the original does.
@@ -80,7 +81,7 @@ def unnormalize_actions(normalized, norm_stats: dict, unnorm_key: str) -> np.nda
 
 
 def resolve_unnorm_key(norm_stats: dict, unnorm_key: str | None) -> str:
-    """Pick the statistics entry: may be omitted only when there is exactly one (REFERENCE.md 7.5)."""
+    """Pick the statistics entry: may be omitted only when there is exactly one (modeling_prismatic.py)."""
     keys = sorted(norm_stats)
     if unnorm_key is None:
         if len(keys) == 1:
@@ -144,7 +145,8 @@ def build_text_tokenizer() -> TextTokenizer:
     tok.decoder = decoders.Sequence(
         [decoders.Replace(EMPTY_PIECE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", PAD_TOKEN)])
     return TextTokenizer(tok)
 
