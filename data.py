@@ -78,8 +78,7 @@ class DataError(ValueError):
     """Bad or missing data; the message names the dataset, the file and what was expected."""
 
 
-# The Bridge V2 release is a tfds dataset named bridge_dataset; OpenVLA expects it renamed to bridge_orig. Accept both.
-DIRECTORY_ALIASES = {"bridge_orig": ("bridge_dataset",)}
+DIRECTORY_ALIASES = {"bridge_orig": ("bridge_dataset",)}  # the Bridge V2 release's name; OpenVLA renamed it
 
 
 def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
