@@ -12,22 +12,28 @@ Sub-commands per pipeline stage; each takes one dataclass config (`--config.fiel
 """
 
 import base64
+import http.client
 import io
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import json_numpy
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "openvla-tiny"
@@ -215,10 +221,8 @@ class ServeBenchConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def http(port: int, body: bytes | None = None) -> bytes:
+def call(port: int, body: bytes | None = None) -> bytes:
     """POST /act with body (GET /health without) -> the answer; asserts a 200."""
-    import http.client
-
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST" if body else "GET", "/act" if body else "/health", body)
     r = conn.getresponse()
@@ -229,11 +233,9 @@ def http(port: int, body: bytes | None = None) -> bytes:
 
 def serve_load(port: int, n_clients: int, n_requests: int, bodies: list[bytes]) -> tuple[list[float], float]:
     """n_clients threads share n_requests POST /act, each waiting for its answer -> (latencies in s, wall s)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(i):
         t = time.perf_counter()
-        http(port, bodies[i % len(bodies)])
+        call(port, bodies[i % len(bodies)])
         return time.perf_counter() - t
 
     t = time.perf_counter()
@@ -244,17 +246,12 @@ def serve_load(port: int, n_clients: int, n_requests: int, bodies: list[bytes]) 
 def start_server(checkpoint, *flags: str):
     """`python serve.py` in its own process -> (process, port, unnorm key, 8 json_numpy 256x256 request bodies). Not
     in this process: each thread running torch ops gets an OpenMP team, and two servers here would mean two teams."""
-    import re
-    import threading
-
-    import json_numpy
-
     cmd = [sys.executable, "serve.py", "--config.checkpoint", str(checkpoint), "--config.port", "0", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # until it logs its address
         if match := re.search(r" on http://127\.0\.0\.1:(\d+)", line):
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining its log
-            key, rng = json.loads(http(int(match[1])))["unnorm_keys"][0], np.random.default_rng(0)
+            key, rng = json.loads(call(int(match[1])))["unnorm_keys"][0], np.random.default_rng(0)
             bodies = [json_numpy.dumps({"image": rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), "unnorm_key": key,
                                         "instruction": f"pick up cup {i}"}).encode() for i in range(8)]
             return proc, int(match[1]), key, bodies
@@ -271,14 +268,13 @@ def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, reques
         serve_load(port, 1, 2, bodies)  # warm-up: the first requests of a fresh process
     for n_clients, n_requests in zip(config.clients, requests, strict=True):
         for mode, (_, port, _, bodies) in servers.items():  # interleaved: drift in machine load hits both alike
-            batches = json.loads(http(port))["batches"]
+            batches = json.loads(call(port))["batches"]
             latencies, wall = serve_load(port, n_clients, n_requests, bodies)
             rate, p50, p99 = results[n_clients, mode] = (n_requests / wall, *np.percentile(latencies, [50, 99]) * 1e3)
-            mean_batch = n_requests / (json.loads(http(port))["batches"] - batches)
+            mean_batch = n_requests / (json.loads(call(port))["batches"] - batches)
             print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {rate:>9.3f} {p50:>9.1f} {p99:>9.1f} "
                   f"{mean_batch:>10.2f}")
-    for proc, *_ in servers.values():
-        proc.terminate()  # SIGTERM: serve.py finishes what is in flight
+    [proc.terminate() for proc, *_ in servers.values()]  # SIGTERM: serve.py finishes what is in flight
     for n_clients in config.clients:
         report(f"{name}: req/s, {n_clients} clients, batched", results[n_clients, "batched"][0], "req/s",
                "one-at-a-time", results[n_clients, "one-at-a-time"][0])
@@ -288,11 +284,6 @@ def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, reques
 
 def bench_abuse(config: ServeBenchConfig):
     """A normal client's p50, and the server's peak RSS, while other clients send maximum-size bodies in a loop."""
-    import threading
-
-    import json_numpy
-    from PIL import Image
-
     proc, port, key, bodies = start_server(FIXTURE, "--config.device", config.device)
     png = io.BytesIO()
     Image.new("RGB", (1920, 1080)).save(png, format="PNG")  # 6 KB that decode to 6 MB
@@ -305,21 +296,18 @@ def bench_abuse(config: ServeBenchConfig):
         body = json_numpy.dumps({"image": image, "instruction": "go", "unnorm_key": key}).encode()
         for n in config.abusers:
             stop = threading.Event()
-            threads = [threading.Thread(target=lambda: [http(port, body) for _ in iter(stop.is_set, True)])
-                       for _ in range(n)]
-            [t.start() for t in threads]
-            p50 = np.median(serve_load(port, 1, 20, bodies)[0]) * 1e3
-            stop.set()
-            [t.join() for t in threads]
+            with ThreadPoolExecutor(n) as pool:  # each sends its next body when answered, until stopped
+                [pool.submit(lambda: [call(port, body) for _ in iter(stop.is_set, True)]) for _ in range(n)]
+                p50 = np.median(serve_load(port, 1, 20, bodies)[0]) * 1e3
+                stop.set()
             report(f"p50, {n} clients sending {kind}", p50, "ms", "alone", alone)
             print(f"  {'':<44} server peak RSS {peak()} MB")
     proc.terminate()
 
 
 def serve_bench(config: ServeBenchConfig):
-    """Requests/s and p50/p99 latency of serve.py at 1/4/16 clients, batched (max_batch_size 16) vs one-at-a-time,
-    measured alternately in one run, each a `python serve.py` process with client threads here; then a normal
-    client's latency and the server's memory while other clients send maximum-size bodies."""
+    """serve.py's req/s and p50/p99 at 1/4/16 clients, batched (max_batch_size 16) vs one-at-a-time, alternately in one
+    run; then a normal client's latency and the server's memory while other clients send maximum-size bodies."""
     from model import VLA
 
     print(f"machine: {machine()}\nserve.py over 127.0.0.1, 256x256 json_numpy requests\ntiny fixture, float32:")
@@ -328,10 +316,10 @@ def serve_bench(config: ServeBenchConfig):
     bench_abuse(config)
     if not config.skip_mid:
         print("mid config (real-size DINOv2-L + SigLIP-So400m, ~1B Llama-shaped LLM, random weights), bfloat16:")
-        with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        with tempfile.TemporaryDirectory(dir=ROOT) as tmp:  # serve.py loads checkpoints: a random-weight one, 3.6 GB
             mid = VLA.build("mid", dtype=torch.bfloat16)
             mid.config.norm_stats = json.loads((FIXTURE / "config.json").read_text())["norm_stats"]
-            mid.save_pretrained(Path(tmp) / "mid")  # serve.py loads checkpoints: a random-weight one, 3.6 GB
+            mid.save_pretrained(Path(tmp) / "mid")
             del mid
             bench_serving("mid", Path(tmp) / "mid", "bfloat16", config, config.mid_requests)
 
