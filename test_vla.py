@@ -97,7 +97,8 @@ def test_action_tokenizer_encode_decode_edges(expected):
 def test_training_example_ids_and_labels(expected, fixture_tokenizer):
     at = ActionTokenizer()
     for ex in expected["training"]["examples"]:
-        input_ids, labels = training_example(fixture_tokenizer, at, ex["instruction_lowercased"], ex["normalized_action_in"])
+        input_ids, labels = training_example(fixture_tokenizer, at, ex["instruction_lowercased"],
+                                             ex["normalized_action_in"])
         assert input_ids == ex["input_ids"] and labels == ex["labels"]
         assert at.encode(ex["normalized_action_in"]).tolist() == ex["action_token_ids"]
 
@@ -125,10 +126,12 @@ def test_unnorm_key_resolution_errors():
 
 def test_built_tokenizer_has_llama2_id_layout():
     tok = build_text_tokenizer()
-    assert (tok.vocab_size, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (32000, 32001, 32000, 1, 2)
+    assert (tok.vocab_size, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (32000, 32001, 32000,
+                                                                                                 1, 2)
     assert empty_piece_id(tok) == 29871 and tok("\n", add_special_tokens=False).input_ids == [29871, 13]
     ids = tok("move to the red block?\nOut: ").input_ids
-    assert ids[0] == 1 and ids[-1] == 29871 and tok.decode(ids, skip_special_tokens=True) == "move to the red block?\nOut: "
+    assert ids[0] == 1 and ids[-1] == 29871
+    assert tok.decode(ids, skip_special_tokens=True) == "move to the red block?\nOut: "
     action_ids = list(range(31744, 32000))  # action tokens are single characters that survive decode -> encode
     assert tok(tok.decode(action_ids), add_special_tokens=False).input_ids == [29871] + action_ids  # + prepended "▁"
 
@@ -177,9 +180,9 @@ def test_fixture_cases_ids_pixels_logits_tokens_actions(expected, fixture_vla):
         # every greedy step: logits over the 256 action ids, teacher-forced on the generated tokens
         generated = case["generated_token_ids"]
         with torch.no_grad():
-            step_logits = vla(pixel_values, torch.tensor([model_ids + generated[:-1]])).logits[0, -7:, 31744:32000].numpy()
+            step_logits = vla(pixel_values, torch.tensor([model_ids + generated[:-1]])).logits[0, -7:, 31744:32000]
         ref_steps = np.load(FIXTURE / case["generation_step_logits_file"])
-        assert np.abs(step_logits - ref_steps).max() <= logit_tol(ref_steps), case["name"]
+        assert np.abs(step_logits.numpy() - ref_steps).max() <= logit_tol(ref_steps), case["name"]
         # cached greedy decoding reproduces the generated ids; actions equal the recorded ones
         got = vla.generate(pixel_values, [model_ids], 7)[0].tolist()
         assert got == generated, case["name"]
@@ -229,8 +232,7 @@ def test_fixture_training_loss_accuracy_l1(expected, fixture_vla, name):
     decode = vla.action_tokenizer.decode
     l1 = np.abs(decode(preds[action].numpy()) - decode(gt[action].numpy())).mean()
     assert abs(l1 - t["action_l1_loss"]) <= 1e-9
-    supervised = (labels[:, 1:] != -100)
-    ce = torch.nn.functional.cross_entropy(out.logits[:, vla.num_patches:-1][supervised], gt[supervised], reduction="none")
+    ce = torch.nn.functional.cross_entropy(sup.logits, gt[keep], reduction="none")
     # Per-token cross-entropies agree to 1e-4 absolute, not the README's 1e-5 relative: our last-position logits differ
     # from the reference by <= 6e-5 (within its 1e-4 x max|logit| logit tolerance; the reference differs from itself
     # by 1.6e-5 between attention kernels), and a token's CE moves with its logits. The batch loss meets 1e-5 relative.
@@ -241,7 +243,8 @@ def test_llama_matches_transformers_oracle():
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM as HFLlama
 
     cfg = CONFIGS["tiny"].llm
-    hf = HFLlama(HFLlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+    hf = HFLlama(HFLlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                               intermediate_size=cfg.intermediate_size,
                                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                                num_key_value_heads=2, rms_norm_eps=cfg.rms_norm_eps, attn_implementation="sdpa")).eval()
     vla = VLA(replace(CONFIGS["tiny"], llm=replace(cfg, num_key_value_heads=2))).eval()
@@ -282,8 +285,8 @@ def test_cached_equals_uncached_and_batched_equals_single(expected, fixture_vla)
 def test_actions_depend_on_image_and_unnorm_key_errors(fixture_vla):
     vla = fixture_vla
     rng = np.random.default_rng(0)
-    actions = {tuple(vla.predict_action(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), "pick up the cup", "bridge_orig"))
-               for _ in range(4)}
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(4)]
+    actions = {tuple(vla.predict_action(image, "pick up the cup", "bridge_orig")) for image in images}
     assert len(actions) > 1  # the silent "ignores the image" failure would give one action for every image
     with pytest.raises(ValueError, match="bridge_orig"):
         vla.predict_action(np.zeros((64, 64, 3), np.uint8), "pick up the cup")  # two keys: must name one
@@ -320,10 +323,12 @@ def released_7b_shapes() -> dict:
         b = f"{sig}blocks.{i}."
         out.update({b + "norm1.weight": (1152,), b + "norm1.bias": (1152,), b + "norm2.weight": (1152,),
                     b + "norm2.bias": (1152,), b + "attn.qkv.weight": (3456, 1152), b + "attn.qkv.bias": (3456,),
-                    b + "attn.proj.weight": (1152, 1152), b + "attn.proj.bias": (1152,), b + "mlp.fc1.weight": (4304, 1152),
-                    b + "mlp.fc1.bias": (4304,), b + "mlp.fc2.weight": (1152, 4304), b + "mlp.fc2.bias": (1152,)})
-    out.update({"projector.fc1.weight": (8704, 2176), "projector.fc1.bias": (8704,), "projector.fc2.weight": (4096, 8704),
-                "projector.fc2.bias": (4096,), "projector.fc3.weight": (4096, 4096), "projector.fc3.bias": (4096,)})
+                    b + "attn.proj.weight": (1152, 1152), b + "attn.proj.bias": (1152,),
+                    b + "mlp.fc1.weight": (4304, 1152), b + "mlp.fc1.bias": (4304,), b + "mlp.fc2.weight": (1152, 4304),
+                    b + "mlp.fc2.bias": (1152,)})
+    out.update({"projector.fc1.weight": (8704, 2176), "projector.fc1.bias": (8704,),
+                "projector.fc2.weight": (4096, 8704), "projector.fc2.bias": (4096,),
+                "projector.fc3.weight": (4096, 4096), "projector.fc3.bias": (4096,)})
     llm = "language_model."
     out.update({llm + "model.embed_tokens.weight": (32064, 4096), llm + "model.norm.weight": (4096,),
                 llm + "lm_head.weight": (32064, 4096)})
@@ -400,7 +405,8 @@ def test_save_load_round_trip_layout_and_resharding(expected, fixture_vla, tmp_p
     saved_cfg = json.loads((out / "config.json").read_text())
     assert saved_cfg.pop("timm_overrides") == expected["construction"]["timm_overrides"]
     assert saved_cfg == fixture_cfg
-    assert json.loads((out / "preprocessor_config.json").read_text()) == json.loads((FIXTURE / "preprocessor_config.json").read_text())
+    for name in ("preprocessor_config.json",):
+        assert json.loads((out / name).read_text()) == json.loads((FIXTURE / name).read_text())
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (out / name).read_bytes() == (FIXTURE / name).read_bytes()
     # single-file layout loads too, and every reload gives identical outputs
@@ -426,7 +432,8 @@ def test_built_model_save_load_and_dataset_statistics(tmp_path):
     again = VLA.from_pretrained(tmp_path / "m")
     assert sorted(again.norm_stats) == ["bridge_orig", "libero_spatial_no_noops", "my_robot"]
     image = np.random.default_rng(1).integers(0, 256, (100, 120, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(again.predict_action(image, "go", "my_robot"), vla.predict_action(image, "go", "bridge_orig"))
+    want = vla.predict_action(image, "go", "bridge_orig")
+    np.testing.assert_array_equal(again.predict_action(image, "go", "my_robot"), want)
 
 
 def _broken_copy(tmp_path, name):
@@ -466,14 +473,6 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         (p / name).unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         VLA.from_pretrained(p)
-    for field, value, match in [("vision_backbone_id", "clip-vit-l", "vision_backbone_id 'clip-vit-l'"),
-                                ("arch_specifier", "linear", "arch_specifier 'linear'")]:
-        p = _broken_copy(tmp_path, field)
-        cfg = json.loads((p / "config.json").read_text())
-        cfg[field] = value
-        (p / "config.json").write_text(json.dumps(cfg))
-        with pytest.raises(CheckpointError, match=match):
-            VLA.from_pretrained(p)
 
     def missing_key(t, index):
         del t["projector.fc1.bias"]
@@ -526,10 +525,12 @@ def test_corrupt_weight_headers_fail_naming_the_file(tmp_path):
 
 
 def test_malformed_config_files_fail_naming_the_file(tmp_path):
-    """Wrong types and broken JSON give a CheckpointError naming the file and what was expected, not a traceback
-    from deep inside the loader."""
+    """Unsupported values, wrong types and broken JSON give a CheckpointError naming the file and what was
+    expected, not a traceback from deep inside the loader."""
     edit = lambda **kw: lambda text: json.dumps({**json.loads(text), **kw})  # noqa: E731
-    cases = [("config.json", edit(n_action_bins="256"), r"config.json: n_action_bins is '256', expected int"),
+    cases = [("config.json", edit(vision_backbone_id="clip-vit-l"), "vision_backbone_id 'clip-vit-l' is not supported"),
+             ("config.json", edit(arch_specifier="linear"), "arch_specifier 'linear' is not supported"),
+             ("config.json", edit(n_action_bins="256"), r"config.json: n_action_bins is '256', expected int"),
              ("config.json", edit(norm_stats=[]), r"config.json: norm_stats is \[\], expected dict"),
              ("config.json", edit(text_config=[1]), r"config.json: text_config is \[1\], expected dict"),
              ("config.json", edit(timm_overrides=5), "config.json: timm_overrides is 5, expected dict"),
@@ -538,7 +539,7 @@ def test_malformed_config_files_fail_naming_the_file(tmp_path):
              ("config.json", lambda text: json.dumps([json.loads(text)]), "config.json: the top-level value is .*dict"),
              ("config.json", lambda text: text[: len(text) // 2], "config.json: not valid JSON"),
              ("dataset_statistics.json", lambda text: "[]", r"dataset_statistics.json: the top-level value is \[\]"),
-             ("preprocessor_config.json", edit(tvf_normalize_params=None), "tvf_normalize_params is None, expected list"),
+             ("preprocessor_config.json", edit(tvf_normalize_params=None), "tvf_normalize_params is None, expected"),
              ("tokenizer.json", lambda text: text[:100], "tokenizer.json: not a readable tokenizer")]
     for i, (name, fn, match) in enumerate(cases):
         p = _broken_copy(tmp_path, f"case{i}")
@@ -553,7 +554,8 @@ def test_build_from_timm_named_components(tmp_path, fixture_vla):
     timm_states = []
     for prefix in ("vision_backbone.featurizer.", "vision_backbone.fused_featurizer."):
         sd = {k[len(prefix):]: v for k, v in src.items() if k.startswith(prefix)}
-        timm_states.append({(k[: -len("scale_factor")] + "gamma" if k.endswith("scale_factor") else k): v for k, v in sd.items()})
+        timm_states.append({k.removesuffix("scale_factor") + "gamma" if k.endswith("scale_factor") else k: v
+                            for k, v in sd.items()})
     assert any(k.endswith("ls1.gamma") for k in timm_states[0])
     llama = tmp_path / "llama2"
     llama.mkdir()
