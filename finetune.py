@@ -7,13 +7,14 @@ train.py's flags (--config.*; the fine-tuning recipes below fill what you leave 
     torchrun --nproc-per-node 4 finetune.py ...                      # the same on several GPUs (FSDP2, as train.py)
     python serve.py --config.checkpoint runs/my_robot/merged --config.unnorm-key my_robot
 
-Each adapted linear layer computes y = W x + (alpha / r) * B (A x) with W frozen in bf16 (never copied to fp32),
-A (r x in) ~ N(0, 1/r^2) and B (out x r) = 0, so training starts from exactly the checkpoint's outputs (the original's
-vla-scripts/finetune.py, through peft). Only A and B train (fp32 master copies). All else is train.main: FSDP2,
-rank-local checkpoint reads, accumulation, metrics, the non-finite stop, checkpoints that resume exactly (holding what
-trains: adapters and their optimizer state) and the released-layout export, with the adapters merged in. Unlike the
-original: the new dataset's statistics go into the merged config.json too; peft 0.11.1's "all-linear" also adapted the
-ViTs' patch-embedding convs: we adapt linear layers only (lm_head included, as peft did), none that never run.
+Each adapted linear layer computes y = W x + (alpha / r) * B (A x) with W frozen and stored in bf16 (no fp32 copy of
+the model), A (r x in) ~ N(0, 1/r^2) and B (out x r) = 0, so training starts from exactly the checkpoint's outputs (the
+original's vla-scripts/finetune.py, through peft). Only A and B train (fp32 master copies); FSDP gathers each block in
+bf16 (fp32 with --config.no-bf16: the CPU demo's). All else is train.main: FSDP2, rank-local checkpoint reads,
+accumulation, metrics, the non-finite stop, checkpoints that resume exactly (holding what trains: adapters and their
+optimizer state) and the released-layout export, with the adapters merged in. Unlike the original: the new dataset's
+statistics go into the merged config.json too; peft 0.11.1's "all-linear" also adapted the ViTs' patch-embedding
+convs: we adapt linear layers only (lm_head included, as peft did), none that never run.
 """
 
 import math
@@ -47,14 +48,14 @@ class LoRAConfig:
 # checkpoints/demo a few hundred steps that teach the demo policy a mirrored camera (python finetune.py, minutes).
 RECIPES = {
     "original": dict(per_device_batch_size=16, learning_rate=5e-4, max_steps=200_000, save_every=5000, image_aug=True,
-                     shuffle_buffer_size=100_000, activation_checkpointing=True),
+                     shuffle_buffer_size=100_000, activation_checkpointing=True, bf16=True),
     "demo": dict(per_device_batch_size=16, learning_rate=2e-3, max_steps=300, save_every=100, image_aug=False,
-                 shuffle_buffer_size=10_000, activation_checkpointing=False),
+                 shuffle_buffer_size=10_000, activation_checkpointing=False, bf16=False),  # CPU: fp32 compute
 }
 DEMO = Path("checkpoints/demo")  # what python train.py exports
-# train.py's config with fine-tuning's constants: constant lr, AdamW's default decay, no clipping, a bf16 base
+# train.py's config with fine-tuning's constants: constant lr, AdamW's default decay, no clipping
 FINETUNE = train.TrainConfig(init_from=DEMO, data_root=Path("runs/demo_data_mirrored"), run_dir=Path("runs/finetune"),
-                             schedule="constant", weight_decay=0.01, max_grad_norm=math.inf, bf16=True, keep_last=1)
+                             schedule="constant", weight_decay=0.01, max_grad_norm=math.inf, keep_last=1)
 
 
 def merge_weight(weight, lora_A, lora_B, scale: float):
@@ -130,9 +131,7 @@ def main(config: train.TrainConfig = FINETUNE, lora: LoRAConfig = LoRAConfig()) 
         before = train.demo_success(DEMO, episodes, mirrored=True) if rank == 0 and episodes else None
 
     def adapt(vla):
-        vla.to(torch.bfloat16)  # the base weights: bf16 shards, exactly as stored, never fp32
-        for p in vla.parameters():
-            p.requires_grad_(False)
+        vla.to(torch.bfloat16).requires_grad_(False)  # the base weights: bf16 shards, as stored, never fp32
         names = add_lora(vla, lora.rank, alpha, lora.dropout, lora.targets)  # fp32 A, B
         return {f"{n}.lora_{x}": init for n in names for x in "AB"}
 

@@ -87,7 +87,7 @@ class TrainConfig:
     activation_checkpointing: bool | None = None
     """recompute each ViT block and decoder layer in backward instead of storing its activations"""
     bf16: bool | None = None
-    """bf16 compute, fp32 master weights and gradient reduce; False: all fp32 (the CPU demo's: no fast bf16 there)"""
+    """bf16 compute, fp32 master weights and gradient reduce; False: fp32 compute (the CPU demo's: no fast bf16)"""
     image_aug: bool | None = None
     """the original's random crop and colour jitter; None: the recipe's (off for pretraining, on for fine-tuning)"""
     shuffle_buffer_size: int | None = None
@@ -188,7 +188,7 @@ def shard(vla: VLA, mesh, bf16: bool, checkpointing: bool):
     A block unit is all-gathered (in bf16) just before it runs and freed after: a rank holds one block's full weights
     at a time. Each ViT's last block never runs (features come from the second-to-last), so it stays in the root: a
     unit that never runs forward breaks FSDP's bookkeeping for skipped-reduce accumulation."""
-    mp = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
     unused = {id(vla.get_parameter(name)) for name in vla.unused_parameter_names()}
     for block in vla.blocks():
         if not all(id(p) in unused for p in block.parameters()):
