@@ -385,8 +385,11 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("internal error on %s %s", self.command, self.path)
             error = HTTPError(500, f"internal error: {type(e).__name__}: {e}")
             status, body, ctype = 500, error.body, "application/json"
+        unread = not self.body_read and any(map(self.headers.get, ("Content-Length", "Transfer-Encoding")))
+        self.close_connection |= unread  # what is left of this request is not the next one
         self.send(status, body, ctype)
-        self.discard_unread_body()
+        if unread:
+            self.discard_unread_body()
         if self.path.split("?")[0] == "/act":
             with self.server.lock:
                 self.server.counts["served" if status == 200 else "failed"] += 1
@@ -453,9 +456,6 @@ class Handler(BaseHTTPRequestHandler):
     def discard_unread_body(self):
         # Closing a socket with unread data makes the kernel send a reset, which can destroy our answer before the
         # client reads it: a rejected body is read and dropped (within the deadline; none comes without a 100).
-        if self.body_read:
-            return
-        self.close_connection = True
         with contextlib.suppress(HTTPError, OSError):
             remaining = 0 if self.headers.get("Expect", "").lower() == "100-continue" else self.content_length()
             while remaining > 0 and (chunk := self.rfile.read(min(remaining, 1 << 16))):
