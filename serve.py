@@ -75,6 +75,8 @@ class ServeConfig:
     """Longest instruction in UTF-8 bytes: <= 1025 tokens even with byte fallback, so prompt + 256 patches < 2048."""
     request_timeout_s: float = 10.0
     """Deadline for a request's line, headers and body (and for an idle connection); late ones get 408 or are cut."""
+    unnorm_key: str = ""
+    """Statistics for requests that name none (OFT's deploy.py takes it from its config, its clients never send it)."""
     token: str = ""
     """Bearer token every request but GET / must carry; if empty, $NANOVLA_TOKEN (keeps it out of `ps`)."""
 
@@ -177,9 +179,10 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
         payload = load_json(payload["encoded"], "field 'encoded'")
     if not isinstance(payload, dict):
         raise bad(f"body is a JSON {type(payload).__name__}, not an object")
-    if missing := [name for name in ("image", "instruction") if name not in payload]:
+    oft_form = "full_image" in payload  # OFT's deploy.py: full_image, then every *wrist* key in order, and state
+    if missing := [name for name in ("full_image" if oft_form else "image", "instruction") if name not in payload]:
         raise bad(f"missing field '{missing[0]}'")
-    instruction, unnorm_key = payload["instruction"], payload.get("unnorm_key")
+    instruction, unnorm_key = payload["instruction"], payload.get("unnorm_key") or config.unnorm_key or None
     if not isinstance(instruction, str):
         raise bad(f"field 'instruction' must be a string, not {type(instruction).__name__}", "e.g. 'pick up the cup'")
     try:
@@ -196,8 +199,17 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
         unnorm_key = resolve_unnorm_key(norm_stats, unnorm_key)
     except ValueError as e:
         raise bad(str(e), f"unnorm_key one of {sorted(norm_stats)}") from None
-    image, form = decode_image(payload["image"], config.max_image_pixels)
-    return image, instruction, unnorm_key, "encoded" if encoded else form
+    if not oft_form:
+        image, form = decode_image(payload["image"], config.max_image_pixels)
+        return image, instruction, unnorm_key, "encoded" if encoded else form, None
+    keys = ["full_image"] + [k for k in payload if "wrist" in k]
+    image = [decode_image(payload[k], config.max_image_pixels)[0] for k in keys]
+    state = payload.get("state")
+    if state is not None:
+        state = np.asarray(state) if isinstance(state, (list, np.ndarray)) else np.array([])
+        if state.ndim != 1 or state.size == 0 or state.dtype.kind not in "iuf" or not np.isfinite(state).all():
+            raise bad(f"field 'state' is a {state.dtype} array of shape {state.shape}", "1-D finite numbers")
+    return image, instruction, unnorm_key, "encoded" if encoded else "json_numpy", state
 
 
 def encode_action(action: np.ndarray, form: str) -> bytes:
@@ -205,6 +217,7 @@ def encode_action(action: np.ndarray, form: str) -> bytes:
     a = np.ascontiguousarray(action, dtype="<f8")
     if form == "plain":
         return json.dumps(a.tolist()).encode()  # repr floats: the float64 values round-trip exactly
+    a = list(a) if a.ndim == 2 else a  # an OFT chunk: OFT's deploy.py answered a list of (action_dim,) arrays
     # deploy.py answered JSONResponse(json_numpy.dumps(action)): a JSON string, which the "encoded" form reads
     return json.dumps(json_numpy.dumps(a)).encode() if form == "encoded" else json_numpy.dumps(a).encode()
 
@@ -219,6 +232,7 @@ class Job:
     instruction: str
     unnorm_key: str
     done: threading.Event
+    proprio: np.ndarray | None = None  # OFT requests: the raw robot state
     action: np.ndarray | None = None
     error: str = ""
     batch_size: int = 0
@@ -330,8 +344,9 @@ class PolicyServer(ThreadingHTTPServer):
 
         try:
             with torch.inference_mode():
+                kw = {} if batch[0].proprio is None else {"proprio": [j.proprio for j in batch]}
                 actions = self.vla.predict_actions([j.image for j in batch], [j.instruction for j in batch],
-                                                   unnorm_key=[j.unnorm_key for j in batch])
+                                                   unnorm_key=[j.unnorm_key for j in batch], **kw)
             for job, action in zip(batch, actions, strict=True):
                 job.action = np.asarray(action, dtype=np.float64)
         except Exception as e:  # the server keeps serving: the requests get 500, the traceback goes to the log
@@ -417,9 +432,14 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(503, "the model is still loading", "retry; GET /health says when it is ready", RETRY)
         length = self.content_length()
         with server.admit(length, self.reader.deadline):  # images are decoded only once admitted
-            image, instruction, unnorm_key, form = parse_act(self.read_body(length), server.vla.norm_stats,
-                                                             server.config)
-        server.jobs.put(job := Job(image, instruction, unnorm_key, threading.Event()))
+            image, instruction, unnorm_key, form, state = parse_act(self.read_body(length), server.vla.norm_stats,
+                                                                    server.config)
+        if (state is None) != (getattr(server.vla, "proprio_projector", None) is None) or (
+                state is not None and "proprio" not in server.vla.norm_stats[unnorm_key]):
+            raise bad(f"field 'state' {'missing' if state is None else 'not usable'} for this model",
+                      "'state' (the raw robot state) exactly when the model has a proprio projector (OFT) and "
+                      "unnorm_key has its statistics")
+        server.jobs.put(job := Job(image, instruction, unnorm_key, threading.Event(), state))
         job.done.wait()  # the model worker answers it, or sets its error
         self.batch_size = job.batch_size
         if job.error:
@@ -524,7 +544,9 @@ def load_policy(config: ServeConfig):
         vla = VLA.from_pretrained(path, dtype=dtype, device=device)
     except (FileNotFoundError, ValueError) as e:  # model.py's messages say what is missing or wrong
         raise SystemExit(f"cannot load {path}: {e}") from None
-    vla.predict_actions([np.zeros((224, 224, 3), dtype=np.uint8)], ["warm up"], unnorm_key=sorted(vla.norm_stats)[0])
+    proprio = None if vla.proprio_projector is None else [np.zeros(vla.proprio_projector.fc1.in_features)]
+    keys = [k for k in sorted(vla.norm_stats) if proprio is None or "proprio" in vla.norm_stats[k]]
+    vla.predict_actions([np.zeros((224, 224, 3), dtype=np.uint8)], ["warm up"], config.unnorm_key or keys[0], proprio)
     log.info("loaded %s on %s in %s; unnorm keys: %s", path, device, dtype, ", ".join(sorted(vla.norm_stats)))
     return vla
 

@@ -1407,6 +1407,28 @@ def test_oft_save_load_layout_and_bad_heads(oft_vla, tmp_path):
         VLA.from_pretrained(tmp_path / "out")
 
 
+def test_oft_serve_is_a_drop_in_for_deploy_py(oft_vla):
+    import json_numpy, serve  # noqa: E401
+
+    config = serve.ServeConfig(port=0, unnorm_key="libero_object_no_noops", token=SERVE_TOKEN)
+    server = serve.PolicyServer(config).attach(lambda: oft_vla)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for k, encoded in ((1, False), (3, True)):  # deploy.py's two forms; its clients send no unnorm_key
+            case = OFT_EXPECTED["cases"][k]
+            obs = {f"{r}_image": _png(case["images"][r]["raw"]["file"]) for r in ("full", "wrist")}
+            obs.update(instruction=case["instruction"], state=np.array(case["proprio"]["raw"]))
+            body = json.dumps({"encoded": json_numpy.dumps(obs)}) if encoded else json_numpy.dumps(obs)
+            status, _, data = _http(server.server_address[1], "POST", "/act", body.encode())
+            assert status == 200, data
+            rows = json_numpy.loads(json.loads(data) if encoded else data)  # a list of 8 (7,) arrays, as deploy.py
+            np.testing.assert_allclose(np.stack(rows), case["actions"], rtol=0, atol=1e-4)
+        status, _, data = _http(server.server_address[1], "POST", "/act", json_numpy.dumps({**obs, "state": None}))
+        assert status == 400 and b"'state' missing" in data
+    finally:
+        server.stop()
+
+
 # ---- serve.py -----------------------------------------------------------------------------------------------------
 
 SERVE_TOKEN = "test-token"
