@@ -168,12 +168,10 @@ def setup_distributed():
     same FSDP code runs everywhere. gloo on CPU, nccl on CUDA."""
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        if "RANK" in os.environ:
-            if cuda:
-                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            dist.init_process_group("nccl" if cuda else "gloo")
-        else:
-            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if cuda and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)  # no torchrun
+        dist.init_process_group("nccl" if cuda else "gloo", **alone)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         # CPU: share the cores among this machine's ranks and leave one for the data pipeline's TF decode threads;
@@ -521,4 +519,6 @@ def cli(main):
 
 
 if __name__ == "__main__":
-    cli(main)
+    def train(config: TrainConfig):  # the command line: main without finetune.py's hooks
+        return main(config)
+    cli(train)
