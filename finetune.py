@@ -118,7 +118,8 @@ def merged_state(state: dict, scale: float) -> dict:
 def main(config: train.TrainConfig = FINETUNE, lora: LoRAConfig = LoRAConfig()) -> dict:
     """Fine-tune adapters with train.main and export the merged checkpoint (<run-dir>/merged); returns train.main's
     result, on the demo (rank 0) with "success" {"before", "after" (mirrored camera), "original" (after)}."""
-    is_demo, episodes, alpha = config.init_from == DEMO, config.eval_episodes, lora.alpha or min(lora.rank, 16)
+    is_demo = config.init_from == DEMO and config.data_mix == "nanovla_demo"  # python finetune.py
+    episodes, alpha = config.eval_episodes, lora.alpha or min(lora.rank, 16)
     recipe = {k: v for k, v in RECIPES["demo" if is_demo else "original"].items() if getattr(config, k) is None}
     config = replace(config, export_dir=config.export_dir or config.run_dir / "merged", eval_episodes=0, **recipe)
     rank = train.setup_distributed()[0]
