@@ -39,6 +39,7 @@ from typing import Literal
 
 import json_numpy
 import numpy as np
+from PIL import Image
 
 from tokenizer import resolve_unnorm_key
 
@@ -144,8 +145,6 @@ def decode_image(value, max_pixels: int) -> tuple[np.ndarray, str]:
             raise bad(f"image holds {image.dtype} values, not ints 0..255", IMAGE_FORMS)
         image = image.astype(np.uint8)
     elif isinstance(value, str):  # a base64 PNG or JPEG, optionally a data: URL
-        from PIL import Image
-
         # PIL raises many exception types on hostile files (OSError, SyntaxError, DecompressionBombError, ...), so
         # the two calls that parse the untrusted bytes catch Exception: any failure there is the file's, a 400.
         try:
@@ -434,6 +433,11 @@ class Handler(BaseHTTPRequestHandler):
         with server.admit(length, self.reader.deadline):  # images are decoded only once admitted
             image, instruction, unnorm_key, form, state = parse_act(self.read_body(length), server.vla.norm_stats,
                                                                     server.config)
+            if getattr(server.vla, "action_head", None) is None:  # OFT models prepare their frames as OFT did
+                # the model's own resize (PIL bicubic to S x S, which then leaves the pixels as they are), done here:
+                # beside the model, not on its thread, and only S x S images wait for it, however large the camera's
+                size = server.vla.config.vision[0].image_size
+                image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
         if (state is None) != (getattr(server.vla, "proprio_projector", None) is None) or (
                 state is not None and "proprio" not in server.vla.norm_stats[unnorm_key]):
             raise bad(f"field 'state' {'missing' if state is None else 'not usable'} for this model",

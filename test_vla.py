@@ -1638,6 +1638,7 @@ class _FakeVLA:
 
     def __init__(self):
         self.norm_stats, self.batches, self.started, self.weight = {"fake": {}}, [], threading.Event(), torch.zeros(1)
+        self.config = SimpleNamespace(vision=[SimpleNamespace(image_size=4)])
         self.threads = {threading.current_thread().name}  # where it was built, then where every call ran
 
     parameters = lambda self: iter([self.weight])  # noqa: E731
