@@ -416,10 +416,8 @@ def build_from_components(config: VLAConfig, vision_states: list[dict], llama_di
 
 
 def timm_vision_states(config: VLAConfig) -> list[dict]:
-    """Pretrained DINOv2 / SigLIP weights through timm (from its local cache; nothing is downloaded here).
-
-    timm is imported only here: on CPU-only machines its torchvision dependency may not import next to the CPU torch.
-    """
+    """Pretrained DINOv2 / SigLIP weights through timm, from its local cache. Imported only here: on CPU-only machines
+    its torchvision dependency may not import next to the CPU torch."""
     import timm
 
     timm_ids, _, size = BACKBONES[config.vision_backbone_id]

@@ -395,11 +395,8 @@ class VLAOutput(NamedTuple):
 
 
 def attention_bias(key_valid, T_q):
-    """bool (B, 1, T_q, S) mask for SDPA: causal over the last T_q of S positions, padded keys hidden.
-
-    A query that can see no valid key (left padding before BOS) attends to itself, so SDPA gives no NaN; those rows
-    are never read.
-    """
+    """bool (B, 1, T_q, S) mask for SDPA: causal over the last T_q of S positions, padded keys hidden. A query that
+    sees no valid key (left padding before BOS) attends to itself, so SDPA gives no NaN; those rows are never read."""
     B, S = key_valid.shape
     q_pos = torch.arange(S - T_q, S, device=key_valid.device)
     k_pos = torch.arange(S, device=key_valid.device)
@@ -500,12 +497,10 @@ class VLA(nn.Module):
 
     @torch.inference_mode()
     def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int):
-        """Greedy KV-cached decoding for B prompts of any lengths in one batch -> (B, max_new_tokens) token ids.
-
-        Rows are left-padded *after* the multimodal embedding ([pad.., BOS, patches, text]) so every row's next token
-        lands in the same column; positions restart at 0 on each row's BOS, and padded keys are masked, so each row
-        equals its one-by-one result.
-        """
+        """Greedy KV-cached decoding for B prompts of any lengths in one batch -> (B, max_new_tokens) token ids. Rows
+        are left-padded *after* the multimodal embedding ([pad.., BOS, patches, text]) so every row's next token lands
+        in the same column; positions restart at 0 on each row's BOS and padded keys are masked: each row equals its
+        one-by-one result."""
         device = self.projector.fc1.weight.device
         B, lengths, T = len(prompts), [len(p) for p in prompts], max(len(p) for p in prompts)
         ids = torch.tensor([p + [self.config.pad_token_id] * (T - len(p)) for p in prompts], device=device)

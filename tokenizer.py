@@ -22,10 +22,7 @@ MAX_TEXT_TOKENS = 2048  # tokenizer.model_max_length of the release; the collato
 
 
 def build_prompt(instruction: str) -> str:
-    """The inference prompt of the released openvla-7b (deploy.py / predict_action), without a trailing space.
-
-    Only lower-casing is applied to the instruction; punctuation and whitespace are kept as the original does.
-    """
+    """The released openvla-7b's inference prompt (vla-scripts/deploy.py), no trailing space; only lower-cased."""
     return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
 
 
@@ -108,7 +105,6 @@ class TextTokenizer:
         self.backend_tokenizer = backend
         self.bos_token_id, self.eos_token_id, self.pad_token_id = map(backend.token_to_id, ("<s>", "</s>", PAD_TOKEN))
         self.vocab_size = backend.get_vocab_size(with_added_tokens=False)  # 32000: without <PAD>
-        self.model_max_length = MAX_TEXT_TOKENS
 
     def __call__(self, text: str, add_special_tokens=True):  # -> .input_ids, as transformers' BatchEncoding
         return SimpleNamespace(input_ids=self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
