@@ -103,8 +103,7 @@ CONFIGS = {
     # The released openvla/openvla-7b: 7,541,237,184 parameters.
     "openvla-7b": _config("dinosiglip-vit-so-224px", [DINO_L, SIGLIP_SO], LlamaConfig(vocab_size=32064)),
     # Real-size ViTs and a ~1B Llama-shaped decoder: a realistic CPU benchmark.
-    "mid": _config("dinosiglip-vit-so-224px", [DINO_L, SIGLIP_SO],
-                   LlamaConfig(32064, 2048, 5504, 18, 16)),
+    "mid": _config("dinosiglip-vit-so-224px", [DINO_L, SIGLIP_SO], LlamaConfig(32064, 2048, 5504, 18, 16)),
     # The golden fixture's sizes (../shared/fixtures/openvla-tiny) and the demo model.
     "tiny": _config("dinosiglip-vit-so-224px", [ViTConfig(32, 3, 2, 128, "dinov2"), ViTConfig(48, 3, 3, 179, "siglip")],
                     LlamaConfig(32064, 64, 172, 2, 4)),
@@ -198,7 +197,6 @@ class AttentionPoolHead(nn.Module):
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.cfg = cfg
         D, n_patches = cfg.embed_dim, (cfg.image_size // cfg.patch_size) ** 2
         self.num_prefix = 5 if cfg.kind == "dinov2" else 0  # DINOv2: cls + 4 registers; SigLIP: none
         if cfg.kind == "dinov2":
@@ -230,11 +228,9 @@ class VisionBackbone(nn.Module):
         if len(cfg.vision) == 2:
             self.fused_featurizer = ViT(cfg.vision[1])
 
-    def forward(self, pixel_values):  # (B, 6, 224, 224): DINOv2 view ++ SigLIP view
-        if not hasattr(self, "fused_featurizer"):
-            return self.featurizer(pixel_values)
-        dino, siglip = pixel_values.split(3, dim=1)
-        return torch.cat([self.featurizer(dino), self.fused_featurizer(siglip)], dim=-1)  # (B, 256, 1024 + 1152)
+    def forward(self, pixel_values):  # (B, 6, 224, 224): DINOv2 view ++ SigLIP view -> (B, 256, 1024 + 1152)
+        views = pixel_values.split(3, dim=1)  # one 3-channel view per ViT
+        return torch.cat([vit(x) for vit, x in zip(self.children(), views)], dim=-1)
 
 
 class Projector(nn.Module):
@@ -306,8 +302,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-        self.head_dim = cfg.hidden_size // self.heads
-        D = cfg.hidden_size
+        D, self.head_dim = cfg.hidden_size, cfg.hidden_size // self.heads
         self.q_proj = nn.Linear(D, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(D, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(D, self.kv_heads * self.head_dim, bias=False)
@@ -433,9 +428,8 @@ class VLA(nn.Module):
                 vit.named_parameters() if p.startswith((f"blocks.{len(vit.blocks) - 1}.", "norm.", "attn_pool."))]
 
     @property
-    def num_patches(self):
-        v = self.config.vision[0]
-        return (v.image_size // v.patch_size) ** 2
+    def num_patches(self):  # P: 256 for 224 x 224 images in 14 x 14 patches
+        return self.vision_backbone.featurizer.pos_embed.shape[1]
 
     # -- training forward ---------------------------------------------------------------------------------------
 
@@ -536,8 +530,7 @@ class VLA(nn.Module):
         then wrist), proprio holds B raw robot states, center_crop as OFT's eval flag (oft.predict_chunks).
         """
         if len(images) != len(instructions) or not images:
-            raise ValueError(f"got {len(images)} images and {len(instructions)} instructions; need the same number, "
-                             ">= 1")
+            raise ValueError(f"got {len(images)} images and {len(instructions)} instructions; need as many, >= 1")
         keys = unnorm_key if isinstance(unnorm_key, (list, tuple)) else [unnorm_key] * len(images)
         keys = [resolve_unnorm_key(self.norm_stats, k) for k in keys]
         dims = {action_dim(self.norm_stats, k) for k in keys}
@@ -572,9 +565,8 @@ class VLA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", timm_overrides=None):
-        """Load a released-layout OpenVLA directory: config.json + safetensors (+ tokenizer). Runs no code from the
-        directory and unpickles nothing. Built on the meta device, then each tensor is read, cast and assigned as its
-        parameter, so a bf16 checkpoint never exists as an fp32 copy."""
+        """Load a released-layout OpenVLA directory, running no code from it and unpickling nothing. Built on meta, then
+        each tensor is read, cast and assigned as its parameter: a bf16 checkpoint never exists as an fp32 copy."""
         import checkpoint  # imported here: checkpoint.py reads this file's configs
 
         path = Path(path)
@@ -590,8 +582,7 @@ class VLA(nn.Module):
         return vla.eval()
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write the released layout: config.json, safetensors shards + index, tokenizer, processor configs and
-        dataset_statistics.json (checkpoint.py), swapped in only when complete."""
+        """Write the released layout (config.json, safetensors, tokenizer, processor files: checkpoint.py)."""
         import checkpoint
 
         checkpoint.save_pretrained(self, path, max_shard_bytes)
