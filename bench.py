@@ -74,7 +74,8 @@ def timeit_pair(fn_a, fn_b, reps: int) -> tuple[float, float]:
 
 
 def report(name: str, value: float, unit: str, baseline_name: str, baseline: float):
-    print(f"  {name:<44} {value:10.4f} {unit:<8} baseline {baseline_name}: {baseline:.4f} {unit}  ratio {value / baseline:.3f}x")
+    print(f"  {name:<44} {value:10.4f} {unit:<8} baseline {baseline_name}: {baseline:.4f} {unit}  "
+          f"ratio {value / baseline:.3f}x")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,5 +500,5 @@ def finetune_bench(config: TrainBenchConfig):
 if __name__ == "__main__":
     import tyro
 
-    tyro.extras.subcommand_cli_from_dict({"infer": infer, "serve": serve_bench, "data": data_bench, "train": train_bench,
-                                          "finetune": finetune_bench})
+    tyro.extras.subcommand_cli_from_dict({"infer": infer, "serve": serve_bench, "data": data_bench,
+                                          "train": train_bench, "finetune": finetune_bench})
