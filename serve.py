@@ -1,23 +1,19 @@
 """HTTP policy server: POST an image and an instruction to /act, get the robot action back.
 
-A drop-in for openvla's `vla-scripts/deploy.py` (its json_numpy clients work unchanged), on the standard library's
-ThreadingHTTPServer; one model worker batches concurrent requests through predict_actions.
+A drop-in for openvla's `vla-scripts/deploy.py` (its json_numpy clients work unchanged); one model worker batches.
 
     python serve.py --config.checkpoint checkpoints/openvla-7b --config.token "$TOKEN" --config.host 0.0.0.0
 
-A client ("unnorm_key" may be left out when the checkpoint has statistics for one dataset only):
-
-    import json_numpy, numpy as np, requests; json_numpy.patch()
-    action = requests.post("http://127.0.0.1:8000/act", json={"image": np.zeros((256, 256, 3), np.uint8),
-                           "instruction": "pick up the cup", "unnorm_key": "bridge_orig"}).json()
-
+A client (`import json_numpy; json_numpy.patch()` first; "unnorm_key" may go if the checkpoint knows one dataset):
+    requests.post("http://127.0.0.1:8000/act", json={"image": np.zeros((256, 256, 3), np.uint8),
+                  "instruction": "pick up the cup", "unnorm_key": "bridge_orig"}).json()
 Request forms (the answer comes back in the form its client reads):
     {"image": <json_numpy uint8 (H, W, 3)>, "instruction": str, "unnorm_key": str}  -> json_numpy float64 (action_dim,)
     {"encoded": json_numpy.dumps(that same dict)}                                   -> a JSON string holding the above
     {"image": [[[r, g, b], ...], ...] (ints 0..255), ...}                            -> a plain JSON list of floats
     {"image": "<base64 PNG or JPEG, optionally a data: URL>", ...}                  -> a plain JSON list of floats
-Errors are 4xx (5xx for the server's own failures) with {"error": what was wrong, "expected": what would work}.
-GET /health: 503 {"status": "loading"} until the model is ready, then 200 with its device, dtype, unnorm keys, counts.
+Errors: 4xx (5xx: the server's own) with {"error": what was wrong, "expected": what would work}. GET /health: 503
+{"status": "loading"} until the model is ready, then 200 with its device, dtype, unnorm keys and request counts.
 """
 
 import base64
@@ -48,43 +44,25 @@ log = logging.getLogger("serve")
 
 @dataclass
 class ServeConfig:
-    checkpoint: str = "checkpoints/demo"
-    """OpenVLA-layout checkpoint directory (what train.py and finetune.py write, or a downloaded openvla-7b)."""
-    host: str = "127.0.0.1"
-    """Interface to listen on. The default reaches this machine only; 0.0.0.0 exposes the robot to the network."""
-    port: int = 8000
-    """TCP port; 0 picks a free one (the chosen port is logged)."""
-    device: str = "auto"
-    """cuda, cuda:N or cpu; auto = cuda when available, else cpu."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype; auto = bfloat16 on cuda (as the original deploy.py), float32 on cpu."""
-    max_batch_size: int = 16
-    """Most requests the model worker runs in one batched forward; 1 serves one request at a time."""
-    max_wait_ms: float = 25.0
-    """How long a forming batch is held open for requests still arriving (never for a lone client)."""
-    max_connections: int = 64
-    """Open connections beyond this get 503 at once: each holds a thread, and at most one request for the model."""
-    max_body_bytes: int = 16 * 2**20
-    """Largest request body; a 1920x1080 image is 8 MiB as json_numpy."""
-    max_decode_bytes: int = 32 * 2**20
-    """Request bodies being read and decoded at once, in bytes; more queue for their turn (one alone always may)."""
-    max_image_pixels: int = 1920 * 1080
-    """Largest image (H * W) accepted, sized to cameras; the model resizes to 224x224 anyway."""
-    max_list_pixels: int = 256 * 256
-    """Largest image sent as nested lists: their parse holds the interpreter (every other request waits) ~1 us/pixel."""
-    max_instruction_bytes: int = 1024
-    """Longest instruction in UTF-8 bytes: <= 1025 tokens even with byte fallback, so prompt + 256 patches < 2048."""
-    request_timeout_s: float = 10.0
-    """Deadline for a request's line, headers and body (and for an idle connection); late ones get 408 or are cut."""
-    unnorm_key: str = ""
-    """Statistics for requests that name none (OFT's deploy.py takes it from its config, its clients never send it)."""
-    token: str = ""
-    """Bearer token every request but GET / must carry; if empty, $NANOVLA_TOKEN (keeps it out of `ps`)."""
+    checkpoint: str = "checkpoints/demo"  # OpenVLA-layout checkpoint directory (train.py's, finetune.py's, openvla-7b)
+    host: str = "127.0.0.1"  # The default reaches this machine only; 0.0.0.0 exposes the robot to the network.
+    port: int = 8000  # TCP port; 0 picks a free one (the chosen port is logged).
+    device: str = "auto"  # cuda, cuda:N or cpu; auto = cuda when available, else cpu.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on cuda, float32 on cpu.
+    max_batch_size: int = 16  # Most requests the model worker runs in one batched forward; 1 = one at a time.
+    max_wait_ms: float = 25.0  # How long a forming batch waits for requests still arriving (never for a lone client).
+    max_connections: int = 64  # Open connections beyond this get 503 at once: each holds a thread.
+    max_body_bytes: int = 16 * 2**20  # Largest request body; a 1920x1080 image is 8 MiB as json_numpy.
+    max_decode_bytes: int = 32 * 2**20  # Bytes of bodies read and decoded at once; more queue (one alone always may).
+    max_image_pixels: int = 1920 * 1080  # Largest image (H * W), sized to cameras; the model resizes anyway.
+    max_list_pixels: int = 256 * 256  # Largest nested-list image: its parse holds the interpreter ~1 us/pixel.
+    max_instruction_bytes: int = 1024  # In UTF-8: <= 1025 tokens with byte fallback, so prompt + 256 patches < 2048.
+    request_timeout_s: float = 10.0  # Deadline for a request's line, headers and body (and an idle connection).
+    unnorm_key: str = ""  # Statistics for requests that name none (OFT's clients never send one).
+    token: str = ""  # Bearer token every request but GET / must carry; if empty, $NANOVLA_TOKEN (keeps it out of ps).
 
 
-class HTTPError(Exception):
-    """A request the server refuses: status code, what was wrong, and what it expects instead."""
-
+class HTTPError(Exception):  # a refused request: status, what was wrong, and what would work instead
     def __init__(self, status: int, error: str, expected: str = "", headers: dict | None = None):
         super().__init__(error)
         self.status, self.headers = status, headers or {}
@@ -97,8 +75,7 @@ ROUTES = {"/": ("GET", "HEAD"), "/health": ("GET", "HEAD"), "/act": ("POST",)}
 RETRY = {"Retry-After": "1"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Request parsing: bytes -> (image, instruction, unnorm_key, form). Everything here raises HTTPError 400, never more.
+# ---- request parsing: bytes -> (image, instruction, unnorm_key, form, state); every failure here is a 400 ----------
 
 
 def bad(error: str, expected: str = REQUEST_SHAPE) -> HTTPError:
@@ -106,8 +83,7 @@ def bad(error: str, expected: str = REQUEST_SHAPE) -> HTTPError:
 
 
 def numpy_hook(obj: dict):
-    """json_numpy's own object hook, once dtype and shape are checked: an object dtype would mean unpickling and a
-    structured one more than raw bytes, so only plain numbers reach numpy. Any decode failure is the request's."""
+    """json_numpy's object hook, once dtype and shape are checked: an object dtype would mean unpickling."""
     if "__numpy__" not in obj:
         return obj
     descr, shape, kind = obj.get("dtype"), obj.get("shape"), "?"
@@ -145,11 +121,9 @@ def decode_image(value, max_pixels: int) -> tuple[np.ndarray, str]:
             raise bad(f"image holds {image.dtype} values, not ints 0..255", IMAGE_FORMS)
         image = image.astype(np.uint8)
     elif isinstance(value, str):  # a base64 PNG or JPEG, optionally a data: URL
-        # PIL raises many exception types on hostile files (OSError, SyntaxError, DecompressionBombError, ...), so
-        # the two calls that parse the untrusted bytes catch Exception: any failure there is the file's, a 400.
         try:
             img = Image.open(io.BytesIO(base64.b64decode(value.split(",")[-1], validate=True)))  # the header only
-        except Exception:
+        except Exception:  # PIL raises many exception types on hostile files: any failure is the file's
             raise bad("image string is not a base64 PNG or JPEG", IMAGE_FORMS) from None
         if img.format not in ("PNG", "JPEG") or img.width * img.height > max_pixels:  # before decoding any pixel
             raise bad(f"image file is a {img.height}x{img.width} {img.format}", f"a PNG or JPEG of <= {max_pixels} px")
@@ -171,8 +145,7 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
     if (n := body.count(b",")) > 3 * config.max_list_pixels + 64:  # counted before parsing: each list item costs
         raise bad(f"body holds {n} JSON items", f"nested-list images of <= {config.max_list_pixels} px; json_numpy")
     payload = load_json(body, "body")
-    encoded = isinstance(payload, dict) and "encoded" in payload
-    if encoded:  # deploy.py's double-encoded form: {"encoded": "<json_numpy text of the request>"}
+    if encoded := isinstance(payload, dict) and "encoded" in payload:  # deploy.py's {"encoded": json_numpy text}
         if not isinstance(payload["encoded"], str):
             raise bad("field 'encoded' must be a string", '{"encoded": json_numpy.dumps(request)}')
         payload = load_json(payload["encoded"], "field 'encoded'")
@@ -188,41 +161,34 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
         n_bytes = len(instruction.encode("utf-8"))
     except UnicodeEncodeError:  # lone surrogates such as "\ud800" survive JSON parsing but not UTF-8
         raise bad("instruction is not valid Unicode", "a UTF-8 string") from None
-    if not instruction.strip():
-        raise bad("instruction is empty", "a task such as 'pick up the cup'")
-    if n_bytes > config.max_instruction_bytes:
-        raise bad(f"instruction is {n_bytes} bytes", f"at most {config.max_instruction_bytes} UTF-8 bytes")
+    if not instruction.strip() or n_bytes > config.max_instruction_bytes:
+        raise bad(f"instruction is {f'{n_bytes} bytes' if instruction.strip() else 'empty'}",
+                  f"a task such as 'pick up the cup', of at most {config.max_instruction_bytes} UTF-8 bytes")
     if unnorm_key is not None and not isinstance(unnorm_key, str):
         raise bad(f"field 'unnorm_key' must be a string, not {type(unnorm_key).__name__}", f"{sorted(norm_stats)}")
     try:
         unnorm_key = resolve_unnorm_key(norm_stats, unnorm_key)
     except ValueError as e:
         raise bad(str(e), f"unnorm_key one of {sorted(norm_stats)}") from None
-    if not oft_form:
-        image, form = decode_image(payload["image"], config.max_image_pixels)
-        return image, instruction, unnorm_key, "encoded" if encoded else form, None
-    keys = ["full_image"] + [k for k in payload if "wrist" in k]
-    image = [decode_image(payload[k], config.max_image_pixels)[0] for k in keys]
-    state = payload.get("state")
-    if state is not None:
+    keys = ["full_image"] + [k for k in payload if "wrist" in k] if oft_form else ["image"]
+    images = [decode_image(payload[k], config.max_image_pixels) for k in keys]
+    image, form = ([im for im, _ in images], "json_numpy") if oft_form else images[0]
+    if (state := payload.get("state") if oft_form else None) is not None:
         state = np.asarray(state) if isinstance(state, (list, np.ndarray)) else np.array([])
         if state.ndim != 1 or state.size == 0 or state.dtype.kind not in "iuf" or not np.isfinite(state).all():
             raise bad(f"field 'state' is a {state.dtype} array of shape {state.shape}", "1-D finite numbers")
-    return image, instruction, unnorm_key, "encoded" if encoded else "json_numpy", state
+    return image, instruction, unnorm_key, "encoded" if encoded else form, state
 
 
 def encode_action(action: np.ndarray, form: str) -> bytes:
-    """The answer in the form its client reads: json_numpy for json_numpy clients, a plain list otherwise."""
     a = np.ascontiguousarray(action, dtype="<f8")
     if form == "plain":
         return json.dumps(a.tolist()).encode()  # repr floats: the float64 values round-trip exactly
     a = list(a) if a.ndim == 2 else a  # an OFT chunk: OFT's deploy.py answered a list of (action_dim,) arrays
-    # deploy.py answered JSONResponse(json_numpy.dumps(action)): a JSON string, which the "encoded" form reads
     return json.dumps(json_numpy.dumps(a)).encode() if form == "encoded" else json_numpy.dumps(a).encode()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The server: HTTP request threads parse and hand jobs to one model worker thread, which batches them.
+# ---- the server: HTTP request threads parse and hand jobs to one model worker thread, which batches them ----------
 
 
 @dataclass(eq=False)
@@ -238,10 +204,7 @@ class Job:
 
 
 class PolicyServer(ThreadingHTTPServer):
-    """Binds at construction (a busy port fails before the model loads); /health says 503 "loading" until
-    attach(load) has run load() -> model on the model worker thread, which then batches requests: it takes the first
-    waiting job and holds the batch open up to max_wait_ms, but only while others are being decoded, are queued, or
-    shared the last batch, so a lone client never waits; under load, the queue fills a batch while the model runs."""
+    """Binds at once (a busy port fails before loading); attach(load) loads on the model worker, which then batches."""
 
     daemon_threads = False  # server_close() then joins the request threads: requests in flight finish on shutdown
     request_queue_size = 128  # listen backlog; the default 5 drops connections from bursts of clients (1 s retries)
@@ -255,12 +218,10 @@ class PolicyServer(ThreadingHTTPServer):
         try:
             super().__init__((config.host, config.port), Handler)
         except OSError as e:
-            raise SystemExit(f"cannot listen on {config.host}:{config.port} ({e}); pick another --config.port, "
-                             "or 0 for any free one") from None
+            raise SystemExit(f"cannot listen on {config.host}:{config.port} ({e}); try another --config.port") from None
         self.url = f"http://{config.host}:{self.server_address[1]}"
 
     def attach(self, load):
-        """Runs load() on the model worker; returns once the model serves, or re-raises the loader's error."""
         self.worker = threading.Thread(target=self.run, args=(load,), name="model-worker", daemon=True)
         self.worker.start()
         self.loaded.wait()
@@ -285,8 +246,7 @@ class PolicyServer(ThreadingHTTPServer):
 
     @contextlib.contextmanager
     def admit(self, n_bytes: int, deadline: float):
-        """Wraps reading and decoding one body: at most max_decode_bytes of bodies at once (one alone always may), so
-        memory stays bounded however many clients send large ones; a request not admitted by its deadline gets 503."""
+        """Bounds memory: at most max_decode_bytes of bodies read and decoded at once; 503 if not admitted in time."""
         with self.cond:
             fits = lambda: self.decoding == 0 or self.decoding_bytes + n_bytes <= self.config.max_decode_bytes
             if not self.cond.wait_for(fits, timeout=max(0.0, deadline - time.monotonic())):
@@ -300,8 +260,7 @@ class PolicyServer(ThreadingHTTPServer):
                 self.cond.notify_all()
 
     def stop(self):
-        """Graceful and prompt: stop accepting and end every connection's reading, so idle and still-sending ones
-        close at once while requests already read get their answers; then stop the model worker."""
+        """Stop accepting, end every connection's reading, answer the requests already read, stop the worker."""
         self.shutdown()  # returns once serve_forever has left its loop; call it from another thread
         with self.lock:
             for conn in self.connections:
@@ -312,10 +271,7 @@ class PolicyServer(ThreadingHTTPServer):
             self.jobs.put(None)  # after the jobs already queued
             self.worker.join()
 
-    def run(self, load):
-        # Every torch op of the server runs on this one thread, loading and warm-up included: each thread running
-        # torch ops on CPU gets its own OpenMP team, and with more OpenMP threads than cores libgomp sleeps between
-        # parallel regions instead of spinning (HTTP threads only parse; they never touch torch).
+    def run(self, load):  # every torch op runs on this thread: an OpenMP team per torch thread would oversubscribe
         try:
             self.vla = load()
         except BaseException as e:  # noqa: BLE001 (attach() re-raises it on its own thread)
@@ -358,15 +314,11 @@ class PolicyServer(ThreadingHTTPServer):
             batch[0].error = f"{type(e).__name__}: {e}"
 
 
-class DeadlineReader(socket.SocketIO):
-    """Socket reads that share one deadline, so a client trickling bytes cannot hold its connection past it."""
-
-    def __init__(self, sock):
-        super().__init__(sock, "rb")
-        self.sock, self.deadline = sock, float("inf")
+class DeadlineReader(socket.SocketIO):  # reads share one deadline: a client trickling bytes cannot hold on past it
+    deadline = float("inf")
 
     def readinto(self, b):
-        self.sock.settimeout(max(1e-3, self.deadline - time.monotonic()))
+        self._sock.settimeout(max(1e-3, self.deadline - time.monotonic()))
         return super().readinto(b)
 
 
@@ -378,7 +330,7 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.rfile.close()
-        self.reader = DeadlineReader(self.connection)
+        self.reader = DeadlineReader(self.connection, "rb")
         self.rfile = io.BufferedReader(self.reader)
 
     def handle_one_request(self):
@@ -393,17 +345,19 @@ class Handler(BaseHTTPRequestHandler):
         start, self.batch_size = time.perf_counter(), 0
         try:
             status, body, ctype = self.route()
-        except HTTPError as e:
+        except Exception as e:
+            if not isinstance(e, HTTPError):  # a bug in this file: 500, logged, and the server keeps serving
+                log.exception("internal error on %s %s", self.command, self.path)
+                e = HTTPError(500, f"internal error: {type(e).__name__}: {e}")
             status, body, ctype, self.extra_headers = e.status, e.body, "application/json", e.headers
-        except Exception as e:  # a bug in this file: 500, logged, and the server keeps serving
-            log.exception("internal error on %s %s", self.command, self.path)
-            error = HTTPError(500, f"internal error: {type(e).__name__}: {e}")
-            status, body, ctype = 500, error.body, "application/json"
         unread = not self.body_read and any(map(self.headers.get, ("Content-Length", "Transfer-Encoding")))
         self.close_connection |= unread  # what is left of this request is not the next one
         self.send(status, body, ctype)
-        if unread:
-            self.discard_unread_body()
+        if unread:  # closing with unread data sends a reset that can destroy our answer: read and drop the body
+            with contextlib.suppress(HTTPError, OSError):
+                remaining = 0 if self.headers.get("Expect", "").lower() == "100-continue" else self.content_length()
+                while remaining > 0 and (chunk := self.rfile.read(min(remaining, 1 << 16))):
+                    remaining -= len(chunk)
         if self.path.split("?")[0] == "/act":
             with self.server.lock:
                 self.server.counts["served" if status == 200 else "failed"] += 1
@@ -425,24 +379,20 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(401, "missing or wrong bearer token", "header 'Authorization: Bearer <token>'",
                             {"WWW-Authenticate": "Bearer"})  # compare_digest: constant time
         if path == "/health":
-            health = self.health()
-            return 200 if server.vla is not None else 503, json.dumps(health).encode(), "application/json"
+            return 200 if server.vla is not None else 503, json.dumps(self.health()).encode(), "application/json"
         if server.vla is None:
             raise HTTPError(503, "the model is still loading", "retry; GET /health says when it is ready", RETRY)
         length = self.content_length()
         with server.admit(length, self.reader.deadline):  # images are decoded only once admitted
             image, instruction, unnorm_key, form, state = parse_act(self.read_body(length), server.vla.norm_stats,
                                                                     server.config)
-            if getattr(server.vla, "action_head", None) is None:  # OFT models prepare their frames as OFT did
-                # the model's own resize (PIL bicubic to S x S, which then leaves the pixels as they are), done here:
-                # beside the model, not on its thread, and only S x S images wait for it, however large the camera's
+            if getattr(server.vla, "action_head", None) is None:  # the model's own resize, off its thread (not OFT's)
                 size = server.vla.config.vision[0].image_size
                 image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
         if (state is None) != (getattr(server.vla, "proprio_projector", None) is None) or (
                 state is not None and "proprio" not in server.vla.norm_stats[unnorm_key]):
             raise bad(f"field 'state' {'missing' if state is None else 'not usable'} for this model",
-                      "'state' (the raw robot state) exactly when the model has a proprio projector (OFT) and "
-                      "unnorm_key has its statistics")
+                      "'state' (raw robot state) exactly when the model has a proprio projector and its statistics")
         server.jobs.put(job := Job(image, instruction, unnorm_key, threading.Event(), state))
         job.done.wait()  # the model worker answers it, or sets its error
         self.batch_size = job.batch_size
@@ -454,10 +404,8 @@ class Handler(BaseHTTPRequestHandler):
         values, limit = self.headers.get_all("Content-Length") or [], self.server.config.max_body_bytes
         if not values:
             raise HTTPError(411, "missing Content-Length header", "a JSON body with its Content-Length")
-        if len(set(values)) > 1:  # which one a proxy in between believed is unknowable
-            raise HTTPError(400, f"differing Content-Length headers {values[:4]}", "one Content-Length")
-        if not (values[0].isascii() and values[0].isdigit()):  # isdigit() alone accepts '²'
-            raise HTTPError(400, f"bad Content-Length {values[0][:40]!r}", "a non-negative integer")
+        if len(set(values)) > 1 or not (values[0].isascii() and values[0].isdigit()):  # isdigit() alone accepts '²'
+            raise bad(f"bad Content-Length {str(values[:4])[:100]}", "one Content-Length, a non-negative integer")
         if int(values[0]) > limit:
             raise HTTPError(413, f"body is {int(values[0])} bytes", f"at most {limit} bytes (--config.max-body-bytes)")
         return int(values[0])
@@ -468,26 +416,15 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
         self.body_read = True
         with contextlib.suppress(TimeoutError):
-            body = self.rfile.read(length)
-            if len(body) == length:
+            if len(body := self.rfile.read(length)) == length:
                 return body
             self.close_connection = True  # what is left on this connection is not a request
             raise HTTPError(400, f"body ended after {len(body)} of {length} bytes", "as many bytes as Content-Length")
         self.close_connection = True
-        raise HTTPError(408, f"the body did not arrive within {self.server.config.request_timeout_s} s",
-                        f"all {length} bytes of Content-Length, promptly")
-
-    def discard_unread_body(self):
-        # Closing a socket with unread data makes the kernel send a reset, which can destroy our answer before the
-        # client reads it: a rejected body is read and dropped (within the deadline; none comes without a 100).
-        with contextlib.suppress(HTTPError, OSError):
-            remaining = 0 if self.headers.get("Expect", "").lower() == "100-continue" else self.content_length()
-            while remaining > 0 and (chunk := self.rfile.read(min(remaining, 1 << 16))):
-                remaining -= len(chunk)
+        raise HTTPError(408, f"body not received within {self.server.config.request_timeout_s} s", "the body, promptly")
 
     def health(self) -> dict:
-        server, config = self.server, self.server.config
-        # the directory's name for anyone; its path only to a client that showed the token
+        server, config = self.server, self.server.config  # the directory's name for anyone; its path with the token
         name = {"model": Path(config.checkpoint).name, **({"checkpoint": config.checkpoint} if config.token else {})}
         if server.vla is None:
             return {"status": "loading", **name}
@@ -499,10 +436,9 @@ class Handler(BaseHTTPRequestHandler):
     def send(self, status: int, body: bytes, ctype: str):
         self.connection.settimeout(self.server.config.request_timeout_s)  # the answer, too, has a deadline
         self.send_response(status)
-        for name, value in {**self.extra_headers, "Content-Type": ctype, "Content-Length": str(len(body))}.items():
+        headers = {**self.extra_headers, "Content-Type": ctype, "Content-Length": str(len(body))}
+        for name, value in (headers | ({"Connection": "close"} if self.close_connection else {})).items():
             self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
         try:
             self.end_headers()
             if self.command != "HEAD":
@@ -511,8 +447,7 @@ class Handler(BaseHTTPRequestHandler):
             log.info("%s went away before its %d answer", self.client_address[0], status)
 
     def send_error(self, code, message=None, explain=None):
-        # http.server calls this for what it rejects itself: a bad request line, overlong headers, and any method
-        # without a do_* (501). Answer those in JSON too; an unknown method is the client's error, so 405.
+        # http.server's own rejections (bad request line, long headers, no do_* method: 501 -> 405), in JSON too
         if code == 501:
             code, message = 405, f"method {self.command} not allowed"
         self.extra_headers, self.close_connection = {"Allow": "GET, POST"} if code == 405 else {}, True
@@ -527,19 +462,16 @@ class Handler(BaseHTTPRequestHandler):
     log_message = lambda self, format, *args: None  # noqa: E731
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def load_policy(config: ServeConfig):
-    """The model from config.checkpoint, warmed up (first-call allocations and kernel selection happen here)."""
+    """The model from config.checkpoint, warmed up."""
     import torch
 
     from model import VLA
 
     path = Path(config.checkpoint)
     if not path.is_dir():
-        raise SystemExit(f"no checkpoint directory at {path}. Train the demo policy with `python train.py`, or pass "
-                         "--config.checkpoint DIR (e.g. ../shared/fixtures/openvla-tiny, or a downloaded openvla-7b)")
+        raise SystemExit(f"no checkpoint directory at {path}: train one with `python train.py` or pass "
+                         "--config.checkpoint DIR (e.g. ../shared/fixtures/openvla-tiny or a downloaded openvla-7b)")
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--config.device {device}: no CUDA device visible; use --config.device cpu")
@@ -567,8 +499,7 @@ def main(config: ServeConfig) -> dict:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # the main thread then stops the server: answers in flight finish
         signal.signal(sig, lambda signum, frame: stopping.set())
-    # serve_forever runs in a thread because shutdown() must come from another thread than the one serving.
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()  # shutdown() needs another thread
     log.info("loading %s; GET %s/health says 503 until it is ready", config.checkpoint, server.url)
     try:
         server.attach(lambda: load_policy(config))  # on the model worker thread, with every other torch op
