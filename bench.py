@@ -209,21 +209,15 @@ def infer(config: InferConfig):
 
 @dataclass
 class ServeBenchConfig:
-    clients: tuple[int, ...] = (1, 4, 16)
-    """concurrent clients, one measurement each (every client sends its next request when answered)"""
-    tiny_requests: tuple[int, ...] = (32, 64, 128)
-    """requests per measurement on the tiny fixture, one number per entry of clients"""
-    mid_requests: tuple[int, ...] = (3, 8, 16)
-    """requests per measurement on the mid config (seconds per forward on a CPU), one per entry of clients"""
-    abusers: tuple[int, ...] = (4, 16)
-    """clients sending maximum-size bodies in a loop while one normal client is timed (tiny fixture)"""
-    skip_mid: bool = False
-    """tiny fixture only (seconds)"""
+    clients: tuple[int, ...] = (1, 4, 16)  # concurrent clients, one measurement each (each sends again when answered)
+    tiny_requests: tuple[int, ...] = (32, 64, 128)  # requests per measurement, tiny fixture, one per clients entry
+    mid_requests: tuple[int, ...] = (3, 8, 16)  # the same on the mid config (seconds per forward on CPU)
+    abusers: tuple[int, ...] = (4, 16)  # clients sending maximum-size bodies in a loop while a normal one is timed
+    skip_mid: bool = False  # tiny fixture only (seconds)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def call(port: int, body: bytes | None = None) -> bytes:
-    """POST /act with body (GET /health without) -> the answer; asserts a 200."""
+def call(port: int, body: bytes | None = None) -> bytes:  # POST /act with body, GET /health without; asserts a 200
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST" if body else "GET", "/act" if body else "/health", body)
     r = conn.getresponse()
@@ -238,15 +232,13 @@ def serve_load(port: int, n_clients: int, n_requests: int, bodies: list[bytes]) 
         t = time.perf_counter()
         call(port, bodies[i % len(bodies)])
         return time.perf_counter() - t
-
     t = time.perf_counter()
     with ThreadPoolExecutor(n_clients) as pool:
         return list(pool.map(one, range(n_requests))), time.perf_counter() - t
 
 
 def start_server(checkpoint, *flags: str):
-    """`python serve.py` in its own process -> (process, port, unnorm key, 8 json_numpy 256x256 request bodies). Not
-    in this process: each thread running torch ops gets an OpenMP team, and two servers here would mean two teams."""
+    """`python serve.py` in its own process (here, two would mean two OpenMP teams) -> (proc, port, key, 8 bodies)."""
     cmd = [sys.executable, "serve.py", "--config.checkpoint", str(checkpoint), "--config.port", "0", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # until it logs its address
@@ -265,16 +257,14 @@ def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, reques
                for mode, size in (("one-at-a-time", 1), ("batched", 16))}
     print(f"  {'clients':>7} {'mode':<14} {'requests':>8} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'mean batch':>10}")
     results = {}
-    for _, port, _, bodies in servers.values():
-        serve_load(port, 1, 2, bodies)  # warm-up: the first requests of a fresh process
+    [serve_load(port, 1, 2, bodies) for _, port, _, bodies in servers.values()]  # warm-up: a fresh process's first
     for n_clients, n_requests in zip(config.clients, requests, strict=True):
         for mode, (_, port, _, bodies) in servers.items():  # interleaved: drift in machine load hits both alike
             batches = json.loads(call(port))["batches"]
             latencies, wall = serve_load(port, n_clients, n_requests, bodies)
             rate, p50, p99 = results[n_clients, mode] = (n_requests / wall, *np.percentile(latencies, [50, 99]) * 1e3)
-            mean_batch = n_requests / (json.loads(call(port))["batches"] - batches)
-            print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {rate:>9.3f} {p50:>9.1f} {p99:>9.1f} "
-                  f"{mean_batch:>10.2f}")
+            mean_batch = f"{n_requests / (json.loads(call(port))['batches'] - batches):>10.2f}"
+            print(f"  {n_clients:>7} {mode:<14} {n_requests:>8} {rate:>9.3f} {p50:>9.1f} {p99:>9.1f} {mean_batch}")
     [proc.terminate() for proc, *_ in servers.values()]  # SIGTERM: serve.py finishes what is in flight
     for n_clients in config.clients:
         report(f"{name}: req/s, {n_clients} clients, batched", results[n_clients, "batched"][0], "req/s",
@@ -286,8 +276,7 @@ def bench_serving(name, checkpoint, dtype: str, config: ServeBenchConfig, reques
 def bench_abuse(config: ServeBenchConfig):
     """A normal client's p50, and the server's peak RSS, while other clients send maximum-size bodies in a loop."""
     proc, port, key, bodies = start_server(FIXTURE, "--config.device", config.device)
-    png = io.BytesIO()
-    Image.new("RGB", (1920, 1080)).save(png, format="PNG")  # 6 KB that decode to 6 MB
+    Image.new("RGB", (1920, 1080)).save(png := io.BytesIO(), format="PNG")  # 6 KB that decode to 6 MB
     big = {"json_numpy 1920x1080": np.zeros((1080, 1920, 3), np.uint8), "PNG 1920x1080": base64.b64encode(
         png.getvalue()).decode(), "nested lists 256x256": [[[0] * 3] * 256] * 256}  # the largest each form may send
     peak = lambda: next(int(l.split()[1]) // 1024 for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmHWM"))
@@ -307,15 +296,13 @@ def bench_abuse(config: ServeBenchConfig):
 
 
 def serve_bench(config: ServeBenchConfig):
-    """serve.py's req/s and p50/p99 at 1/4/16 clients, batched (max_batch_size 16) vs one-at-a-time, alternately in one
-    run; then a normal client's latency and the server's memory while other clients send maximum-size bodies."""
-    from model import VLA
-
+    """serve.py's req/s and p50/p99, batched vs one-at-a-time; a normal client's latency among maximum-size bodies."""
     print(f"machine: {machine()}\nserve.py over 127.0.0.1, 256x256 json_numpy requests\ntiny fixture, float32:")
     bench_serving("tiny", FIXTURE, "float32", config, config.tiny_requests)
     print("tiny fixture, one normal client among clients sending maximum-size bodies:")
     bench_abuse(config)
     if not config.skip_mid:
+        from model import VLA
         print("mid config (real-size DINOv2-L + SigLIP-So400m, ~1B Llama-shaped LLM, random weights), bfloat16:")
         with tempfile.TemporaryDirectory(dir=ROOT) as tmp:  # serve.py loads checkpoints: a random-weight one, 3.6 GB
             mid = VLA.build("mid", dtype=torch.bfloat16)
