@@ -10,12 +10,7 @@ The path of one frame (the original's prismatic/vla/datasets/rlds/*):
 
 Differences from the original, on purpose: ranks read disjoint slices of every dataset (the original reads everything
 on every rank); the stream is seeded and resumable; the shuffle buffer holds JPEG bytes, not decoded 224 px frames
-(the original's buffer of 256k decoded frames is what grows to hundreds of GB per node).
-
-Train with it (train.py does this):
-    ds = RLDSDataset("demo_data", "nanovla_demo", tokenizer, image_size=224, train=True, seed=7, rank=0, world=1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=collate, num_workers=0)
-    save_dataset_statistics(ds.norm_stats, run_dir / "dataset_statistics.json"); state = ds.state_dict()
+(the original's buffer of 256k decoded frames is what grows to hundreds of GB per node). train.py shows the use.
 """
 
 import collections
@@ -99,10 +94,7 @@ def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
                             "name:weight,name:weight (e.g. bridge_orig:1.0,fractal20220817_data:0.5)") from None
         if not name or not mix[-1][1] > 0:
             raise DataError(f"data mix {data_mix!r}: {part.strip()!r} needs a dataset name and a weight > 0")
-    first = {}
-    for name, weight in mix:  # dedupe: the first weight of each name, in the mixture's order
-        first.setdefault(name, weight)
-    mix = list(first.items())
+    mix = [(name, w) for i, (name, w) in enumerate(mix) if name not in [n for n, _ in mix[:i]]]  # first one kept
     missing = [name for name, _ in mix if name not in DATASETS]
     if missing:
         raise DataError(f"mixture {data_mix!r}: not supported yet: {', '.join(missing)} (add its oxe.Layout to "
@@ -110,7 +102,6 @@ def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
     return mix
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Reading RLDS with tensorflow-datasets (no network: the builder is built from the files on disk)
 
 
@@ -226,7 +217,6 @@ def _unreadable_file(builder) -> str | None:
             return path
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Statistics: one pass over every split, after standardization, before any filter; cached next to the data
 
 
@@ -260,12 +250,9 @@ def compute_statistics(builder, name: str) -> dict:
 
 
 def dataset_statistics(builder, name: str) -> dict:
-    """Statistics of one dataset, cached as dataset_statistics_<sha256>.json in its version directory.
-
-    The hash covers the dataset (str of its tfds info, which includes the path), the proprio keys ("()": none, as
-    OpenVLA), its Layout with the source of its functions, and the statistics code (the original: its transform's
-    source); editing any of them recomputes. A read-only data directory (no write bit) falls back to ~/.cache/nanovla.
-    """
+    """Statistics of one dataset, cached as dataset_statistics_<sha256>.json in its version directory (read-only:
+    ~/.cache/nanovla). The hash covers its tfds info (with the path), the proprio keys ("()": none, as OpenVLA), its
+    Layout with its functions' source and the statistics code: editing any of them recomputes."""
     layout = [getattr(DATASETS[name], f.name) for f in dataclasses.fields(DATASETS[name])]
     code = [inspect.getsource(v) if callable(v) else v for v in layout + [compute_statistics, quantile]]
     key = "".join([str(builder.info), "()", repr(code)])
@@ -300,7 +287,6 @@ def save_dataset_statistics(norm_stats: dict, path) -> None:
     Path(path).write_text(json.dumps(norm_stats, indent=2))
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Images: TF's decoder and resizer, because exact agreement with the original needs them (golden README)
 
 
@@ -317,11 +303,8 @@ def decode_and_resize(image_bytes, size: int):
 
 
 def augment_image(image, seed):
-    """The original's train-time augmentation (dlimp augment_image with OpenVLA's kwargs), seeded and stateless.
-
-    uint8 -> float [0, 1]; before each op a fresh seed = stateless_uniform([2], previous seed); every op's output is
-    clipped to [0, 1]; back to uint8 by truncating x * 255.5 (convert_image_dtype).
-    """
+    """The original's train-time augmentation (dlimp augment_image with OpenVLA's kwargs), seeded and stateless:
+    each op gets seed = stateless_uniform([2], previous seed) and its output is clipped to [0, 1]."""
     x = tf.image.convert_image_dtype(image, tf.float32)
     seed = tf.convert_to_tensor(seed, tf.int32)
     for op in (random_resized_crop,
@@ -347,7 +330,6 @@ def random_resized_crop(x, seed):
     return tf.image.crop_and_resize(x[None], box, [0], tf.stack([h, w]))[0]
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # The training stream
 
 
@@ -405,8 +387,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self._decode = tf.function(lambda b: decode_and_resize(b, image_size), input_signature=[image_bytes])
 
     def _episodes(self, i: int):
-        """(where, episode) of dataset i: this rank's slice of its split (tfds even_splits: disjoint, covering);
-        forever, in a seeded file order, when training."""
+        """(where, episode) of this rank's slice (tfds even_splits) of dataset i; forever, seeded, when training."""
         split = tfds.even_splits(self.splits[i], n=self.world)[self.rank] if self.world > 1 else self.splits[i]
         n_split = self.builders[i].info.splits[split].num_examples
         seed = int(np.random.SeedSequence([self.seed, self.rank, i]).generate_state(1)[0])
@@ -425,8 +406,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                             f"episodes for rank {self.rank} of {self.world}")
 
     def _frames(self, i: int):
-        """(dataset index, image bytes, instruction bytes, normalized action (7,), proprio (P,), where) of dataset i:
-        every frame the dataset's `keep` filter (DROID's, on normalized actions) lets through."""
+        """(i, image bytes, instruction bytes, normalized action, proprio, where) of the frames its `keep` passes."""
         stats, keep = self.norm_stats[self.names[i]]["action"], DATASETS[self.names[i]].keep
         for where, ep in self._episodes(i):
             action = normalize_actions(ep["action"], stats).astype(np.float32)  # (T, 7), gripper passes through
@@ -455,8 +435,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             yield frame, rng.integers(0, 2**31 - 1, size=2, dtype=np.int32)
 
     def frames(self):
-        """Decoded frames {image uint8 (H, W, 3), action, proprio (the config's state keys, raw), instruction,
-        dataset_name}, from the saved position."""
+        """Decoded frames {image uint8 (H, W, 3), action, proprio (raw), instruction, dataset_name}."""
         return self._in_threads(self._decode_frame)
 
     def __iter__(self):
@@ -530,16 +509,12 @@ def collate(examples: list[dict], pad_token_id: int = PAD_TOKEN_ID, max_length: 
     return batch
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Writing RLDS datasets (the demo, tests, your own conversions): a tfds builder over in-memory episodes
 
 
 def write_rlds(data_dir, name: str, features: dict, splits: dict, version: str = "1.0.0") -> Path:
-    """Write {split: [episode, ...]} as <data_dir>/<name>/<version>/ in the Open X-Embodiment layout.
-
-    `features` is the tfds FeaturesDict content ({"steps": tfds.features.Dataset({...}), ...}); each episode is
-    {"steps": [step dict, ...], ...} matching it. The same files as the rlds_dataset_builder template writes.
-    """
+    """Write {split: [episode, ...]} as <data_dir>/<name>/<version>/ in the Open X-Embodiment layout, as the
+    rlds_dataset_builder template does; `features` is the tfds FeaturesDict content, each episode matches it."""
 
     class RldsWriter(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         VERSION = tfds.core.Version(version)

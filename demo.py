@@ -32,9 +32,6 @@ class DemoEnv:
     cell per axis towards the target, then closes: a model has to read the colour and see on which side of the centre
     that colour is. success = the target block under the gripper.
     mirrored: the image flipped left-right, a world the demo policy never saw (finetune.py's demo teaches it).
-
-        env = DemoEnv(seed=0); image, instruction = env.reset()
-        image, success = env.step(env.expert_action())
     """
 
     max_steps = DEMO_MAX_STEPS

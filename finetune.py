@@ -7,14 +7,11 @@ train.py's flags (--config.*; the fine-tuning recipes below fill what you leave 
     torchrun --nproc-per-node 4 finetune.py ...                      # the same on several GPUs (FSDP2, as train.py)
     python serve.py --config.checkpoint runs/my_robot/merged --config.unnorm-key my_robot
 
-Each adapted linear layer computes y = W x + (alpha / r) * B (A x) with W frozen and stored in bf16 (no fp32 copy of
-the model), A (r x in) ~ N(0, 1/r^2) and B (out x r) = 0, so training starts from exactly the checkpoint's outputs (the
-original's vla-scripts/finetune.py, through peft). Only A and B train (fp32 master copies); FSDP gathers each block in
-bf16 (fp32 with --config.no-bf16: the CPU demo's). All else is train.main: FSDP2, rank-local checkpoint reads,
-accumulation, metrics, the non-finite stop, checkpoints that resume exactly (holding what trains: adapters and their
-optimizer state) and the released-layout export, with the adapters merged in. Unlike the original: the new dataset's
-statistics go into the merged config.json too; peft 0.11.1's "all-linear" also adapted the ViTs' patch-embedding
-convs: we adapt linear layers only (lm_head included, as peft did), none that never run.
+Each adapted linear layer computes y = W x + (alpha / r) * B (A x), W frozen in bf16, A ~ N(0, 1/r^2), B = 0: training
+starts from the checkpoint's outputs (the original's vla-scripts/finetune.py, via peft). Only A and B train (fp32); all
+else is train.main, whose checkpoints hold the adapters and whose export merges them in. Unlike the original: the new
+dataset's statistics go into the merged config.json; peft's "all-linear" also adapted the ViTs' patch-embedding convs,
+we adapt linear layers only (lm_head included), none that never run.
 """
 
 import math
@@ -64,8 +61,7 @@ def merge_weight(weight, lora_A, lora_B, scale: float):
 
 
 class LoRALinear(nn.Module):
-    """A linear layer + scale * B(A(dropout(x))); it keeps the layer's weight and bias under their own names, so the
-    checkpoint's "x.q_proj.weight" loads as is and only lora_A / lora_B are new."""
+    """A linear layer + scale * B(A(dropout(x))), keeping weight and bias under their names: only lora_A / B are new."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -78,9 +74,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+        return y if self.merged else y + F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)),
+                                                  self.lora_B.to(x.dtype)) * self.scale
 
     @torch.no_grad()
     def merge(self):
@@ -105,14 +100,9 @@ def add_lora(vla: VLA, rank: int, alpha: float, dropout: float, targets: str = "
 
 def merged_state(state: dict, scale: float) -> dict:
     """The release's state dict from the adapted model's: every adapted weight merged, the adapters dropped."""
-    out = {}
-    for name, t in state.items():
-        prefix = name.removesuffix(".weight")
-        if f"{prefix}.lora_A" in state:
-            t = merge_weight(t, state[f"{prefix}.lora_A"], state[f"{prefix}.lora_B"], scale)
-        if not name.endswith(("lora_A", "lora_B")):
-            out[name] = t
-    return out
+    lora = lambda name, x: state.get(f"{name.removesuffix('.weight')}.lora_{x}")  # noqa: E731
+    return {name: t if lora(name, "A") is None else merge_weight(t, lora(name, "A"), lora(name, "B"), scale)
+            for name, t in state.items() if not name.endswith(("lora_A", "lora_B"))}
 
 
 def main(config: train.TrainConfig = FINETUNE, lora: LoRAConfig = LoRAConfig()) -> dict:

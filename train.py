@@ -9,13 +9,10 @@ sharded checkpoints that resume exactly, and an export in the released OpenVLA l
         ... --config.shard-group-size 8               # HSDP: shard within each node, replicate across nodes
     ... --config.resume                               # continue a killed run exactly (same losses)
 
-One step, as the loop below does it (the original's prismatic/training/strategies/base_strategy.py):
-    lr(step) -> A micro-batches: forward (bf16) + backward(loss / A), reduce-scatter only on the last
-    -> clip the global grad norm over the shards -> AdamW on this rank's fp32 shard -> log -> maybe save.
-Where bf16 starts and ends: each rank stores its shard of every parameter in fp32 (the master weights, AdamW's state
-next to them); FSDP all-gathers a bf16 copy of a block just before it runs; activations and gradients inside the model
-are bf16; FSDP casts gradients to fp32 for the reduce-scatter (reduce_dtype), so the sharded .grad, the clipping and
-the optimizer step are fp32. model.py casts the logits to fp32 before the loss.
+One step (the original's prismatic/training/strategies/base_strategy.py): lr(step) -> A micro-batches of forward +
+backward(loss / A), reduce-scatter on the last -> clip the global grad norm -> AdamW on this rank's fp32 shard -> log.
+bf16: shards, AdamW state, reduced grads, clipping and the step are fp32; FSDP gathers a bf16 copy of each block for
+its forward and backward; model.py casts the logits to fp32 for the loss.
 """
 
 import json
@@ -159,13 +156,8 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed at the edges: process group, sharding, materializing this rank's shard
-
-
 def setup_distributed():
-    """-> (rank, world, device). Under torchrun: one process per device from its env; else a 1-process group, so the
-    same FSDP code runs everywhere. gloo on CPU, nccl on CUDA."""
+    """-> (rank, world, device): torchrun's process group, else a 1-process one so the same FSDP code runs anywhere."""
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         if cuda and "LOCAL_RANK" in os.environ:
@@ -182,24 +174,20 @@ def setup_distributed():
 
 
 def shard(vla: VLA, mesh, bf16: bool, checkpointing: bool):
-    """FSDP2 per ViT block and decoder layer, then the root (embeddings, patch embeds, projector, lm_head, norms).
-    A block unit is all-gathered (in bf16) just before it runs and freed after: a rank holds one block's full weights
-    at a time. Each ViT's last block never runs (features come from the second-to-last), so it stays in the root: a
-    unit that never runs forward breaks FSDP's bookkeeping for skipped-reduce accumulation."""
+    """FSDP2 per ViT block and decoder layer, then the root (embeddings, projector, lm_head, norms). Each ViT's unused
+    last block stays in the root: a unit that never runs forward breaks FSDP's skipped-reduce accumulation."""
     mp = MixedPrecisionPolicy(torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
     unused = {id(vla.get_parameter(name)) for name in vla.unused_parameter_names()}
     for block in vla.blocks():
         if not all(id(p) in unused for p in block.parameters()):
-            # checkpointing: backward re-runs the block's forward from its saved input (model.py run_block), so its
-            # activations are never stored: one (B, T, D) tensor per block instead of every intermediate
+            # backward re-runs the block from its saved input (model.py run_block): one (B, T, D) tensor per block
             block.checkpointing = checkpointing
             fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(vla, mesh=mesh, mp_policy=mp)
 
 
 def shard_rows(param) -> tuple[int, int]:
-    """This rank's rows [start, stop) of a parameter FSDP2 sharded on dim 0 (torch.chunk's split: ceil(N / S) rows
-    per shard, the last ones shorter or empty); a mesh dim that replicates does not split."""
+    """This rank's rows [start, stop) of an FSDP2 parameter: torch.chunk's split of dim 0 on each sharding mesh dim."""
     start, stop = 0, param.shape[0]
     for mesh_dim, placement in enumerate(param.placements):
         if placement.is_shard():
@@ -210,9 +198,8 @@ def shard_rows(param) -> tuple[int, int]:
 
 
 def materialize(vla: VLA, device, read_rows):
-    """Allocate this rank's shard of every parameter (in the dtype the meta model has) and fill it from
-    read_rows(index, name, shape, (start, stop)) -> rows [start, stop) of the full tensor, on CPU: a rank reads only
-    what it keeps (1/8 of a 7B checkpoint on 8 GPUs), one parameter at a time."""
+    """Allocate this rank's shard of every parameter and fill it from read_rows(index, name, shape, (start, stop)) ->
+    those rows of the full tensor on CPU: a rank reads only what it keeps, one parameter at a time."""
     vla.to_empty(device=device)
     with torch.no_grad():
         for i, (name, param) in enumerate(vla.named_parameters()):
@@ -223,16 +210,8 @@ def materialize(vla: VLA, device, read_rows):
             local.copy_(rows)
 
 
-def from_checkpoint(path: Path, headers: dict, shapes: dict):
-    """read_rows for materialize: this rank's rows straight from safetensors (stored bf16 -> the shard's dtype in
-    materialize's copy), after the strict check of the names and shapes ({name: shape}) the model expects there."""
-    check_state(headers, shapes, path)
-    return lambda i, name, shape, rows: read_tensor(headers, name, rows)
-
-
 def random_init(seed: int):
-    """read_rows for materialize: model.py's init rule, seeded per parameter, on the full tensor (one at a time) so
-    the weights are the same for any world size; this rank keeps its rows."""
+    """read_rows for materialize: model.py's init, seeded per parameter on the full tensor: any world size agrees."""
     def read_rows(i, name, shape, rows):
         full = torch.empty(shape)
         torch.manual_seed(seed * 100_003 + i)
@@ -243,9 +222,8 @@ def random_init(seed: int):
 
 @torch.no_grad()
 def action_metrics(out, labels, begin_idx: int, decode) -> torch.Tensor:
-    """The original's metrics (prismatic/training/strategies/base_strategy.py) on a forward with labels (logits at
-    the supervised positions only), as device-side sums (no host sync): [loss, correct action tokens, action tokens,
-    L1 of de-tokenized actions, 1 micro-batch, examples]."""
+    """The original's metrics (prismatic/training/strategies/base_strategy.py) as device-side sums: [loss, correct
+    action tokens, action tokens, L1 of de-tokenized actions, 1 micro-batch, examples]."""
     gt = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,) in the logits' row order
     preds, mask = out.logits.argmax(-1), gt > begin_idx  # action tokens: not EOS, not prompt
     l1 = (decode[preds] - decode[gt]).abs()[mask].sum()
@@ -253,10 +231,8 @@ def action_metrics(out, labels, begin_idx: int, decode) -> torch.Tensor:
     return torch.stack([x.double() for x in n])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: DCP shards written under a temporary name, renamed when complete. Frozen parameters are not saved:
-# they are the init's (random by seed, or init-from), which a resume materializes again; a LoRA checkpoint thus holds
-# the adapters, their AdamW state, the step, and each rank's data position and RNG.
+# Checkpoints: DCP shards under a temporary name, renamed when complete. Frozen parameters are the init's, which a
+# resume materializes again, so they are not saved (a LoRA checkpoint: adapters, their AdamW state, step, data, RNG).
 TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
@@ -327,9 +303,6 @@ def export(vla, config: TrainConfig, model_config, tokenizer, norm_stats, merge=
     return path
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     """Train, save, export -> {"step", "history" (metrics of each log step), "export", "model", "params_local" (this
     rank's), "params_total", "params_trained", on the demo (rank 0) "success_rate"}. finetune.py passes adapt(vla)
@@ -377,8 +350,9 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     mesh = (init_device_mesh(device.type, (world,)) if group == world else
             init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard")))
     shard(vla, mesh, config.bf16, config.activation_checkpointing)
-    shapes = {n: tuple(p.shape) for n, p in vla.named_parameters() if n not in added}
-    init = from_checkpoint(config.init_from, headers, shapes) if headers else random_init(config.seed)
+    if headers:  # strict: the checkpoint holds exactly the names and shapes the model expects
+        check_state(headers, {n: tuple(p.shape) for n, p in vla.named_parameters() if n not in added}, config.init_from)
+    init = (lambda i, name, shape, rows: read_tensor(headers, name, rows)) if headers else random_init(config.seed)
     materialize(vla, device, lambda i, name, *rest: (added.get(name) or init)(i, name, *rest))
     vla.train()
 
@@ -438,9 +412,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             vla.set_requires_gradient_sync(micro == accumulation - 1)
             # with labels, out.logits is (N, V): only the N supervised positions
             out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
-            # Each .backward() adds into .grad, and FSDP averages over ranks; dividing each micro-batch's mean loss by
-            # A makes the step's gradient the mean over all A x world micro-batches = one global batch when every
-            # example has the same number of supervised tokens (action_dim + EOS, as here).
+            # .grad sums micro-batches and FSDP averages ranks: loss / A makes the step's gradient one global batch's
             (out.loss / accumulation).backward()
             window += action_metrics(out, batch["labels"], vla.action_tokenizer.begin_idx, decode)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.max_grad_norm)
@@ -449,8 +421,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
         optimizer.zero_grad(set_to_none=True)
         bad = ~(torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm))
         bad_step = torch.where(bad & (bad_step < 0), torch.tensor(step + 1, device=device), bad_step)
-        step += 1
-        steps_in_window += 1
+        step, steps_in_window = step + 1, steps_in_window + 1
 
         last = step == total
         save = config.save_every and (step % config.save_every == 0 or last)
@@ -507,8 +478,7 @@ def demo_success(path: Path, episodes: int, mirrored: bool = False) -> float:
 
 
 def cli(main):
-    """python train.py / finetune.py: parse the flags and run; a data error is its message alone (it names the
-    dataset, the file and what was expected), no traceback."""
+    """python train.py / finetune.py: parse the flags and run; a data error is its message alone, no traceback."""
     import tyro
 
     try:
