@@ -1197,7 +1197,8 @@ def test_train_two_nodes_kill_resume_and_export(train_demo, tmp_path):
     proc.wait()
     assert [p.name for p in (killed / "checkpoints").glob("step-*")] == ["step-000003"]
     assert not (killed / "export").exists()
-    subprocess.run(args + ["--config.resume"], env=TRAIN_ENV, check=True, timeout=300, capture_output=True)
+    resumed = subprocess.run(args + ["--config.resume"], env=TRAIN_ENV, timeout=300, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     for node in nodes:
         assert node.wait(timeout=300) == 0, node.stderr.read().decode()[-3000:]
 
@@ -1731,6 +1732,19 @@ def test_serve_bounds_time_connections_and_bytes_being_decoded():
         assert busy.value.status == 503
         with server.admit(500, soon()):  # over the budget but alone: admitted
             pass
+
+
+def test_line_budget_and_width():
+    """The product files (every .py but the tests and the benchmarks) fit the reader's budget: <= 3,600 lines in all,
+    none over 600, no line over 120 columns (test_vla.py and bench.py are held to the width too)."""
+    product = {p.name: p.read_text().splitlines() for p in ROOT.glob("*.py")
+               if p.name not in ("test_vla.py", "bench.py")}
+    sizes = {name: len(lines) for name, lines in product.items()}
+    assert sum(sizes.values()) <= 3600, sizes
+    assert max(sizes.values()) <= 600, sizes
+    wide = [(p.name, i + 1) for p in ROOT.glob("*.py") for i, line in enumerate(p.read_text().splitlines())
+            if len(line) > 120]
+    assert not wide, wide
 
 
 if __name__ == "__main__":  # torchrun test_vla.py <check> <args>: one of the train section's multi-rank checks
