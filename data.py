@@ -230,12 +230,15 @@ def quantile(x: np.ndarray, q: float) -> np.ndarray:
     return s[hi] - step * (1 - t) if t >= 0.5 else s[lo] + step * t
 
 
-def compute_statistics(builder, name: str) -> dict:
+def compute_statistics(builder, name: str, proprio: bool = False) -> dict:
     n_episodes = sum(split.num_examples for split in builder.info.splits.values())
     # split by split, as the original's "all" (float32 sums agree bit for bit); a progress bar on terminals only
     episodes = itertools.chain.from_iterable(read_episodes(builder, name, split) for split in builder.info.splits)
     episodes = tqdm(episodes, total=n_episodes, desc=f"statistics of {name} (once)", unit="episode", disable=None)
-    actions = [ep["action"] for _, ep in episodes]
+    actions, states = [], []  # not the episodes: their images would fill memory
+    for _, ep in episodes:
+        actions.append(ep["action"])
+        states.append(ep["proprio"])
     if not actions or not sum(len(a) for a in actions):
         raise DataError(f"{name}: {builder.data_dir} holds no steps after standardization; nothing to train on")
     a = np.concatenate(actions)  # float32 (N, 7)
@@ -245,23 +248,23 @@ def compute_statistics(builder, name: str) -> dict:
                 "min": x.min(0).tolist(), "q01": quantile(x, 0.01).tolist(), "q99": quantile(x, 0.99).tolist()}
 
     # OpenVLA loads no proprio, so its proprio statistics are those of zeros_like(action) (all zeros in norm_stats)
-    return {"action": describe(a), "proprio": describe(np.zeros_like(a)),
+    return {"action": describe(a), "proprio": describe(np.concatenate(states) if proprio else np.zeros_like(a)),
             "num_transitions": int(len(a)), "num_trajectories": len(actions)}
 
 
-def dataset_statistics(builder, name: str) -> dict:
+def dataset_statistics(builder, name: str, proprio: bool = False) -> dict:
     """Statistics of one dataset, cached as dataset_statistics_<sha256>.json in its version directory (read-only:
     ~/.cache/nanovla). The hash covers its tfds info (with the path), the proprio keys ("()": none, as OpenVLA), its
     Layout with its functions' source and the statistics code: editing any of them recomputes."""
     layout = [getattr(DATASETS[name], f.name) for f in dataclasses.fields(DATASETS[name])]
     code = [inspect.getsource(v) if callable(v) else v for v in layout + [compute_statistics, quantile]]
-    key = "".join([str(builder.info), "()", repr(code)])
+    key = "".join([str(builder.info), str(DATASETS[name].proprio) if proprio else "()", repr(code)])
     filename = f"dataset_statistics_{hashlib.sha256(key.encode()).hexdigest()}.json"
     paths = [Path(builder.data_dir) / filename, Path.home() / ".cache" / "nanovla" / filename]
     for path in paths:
         if path.is_file():
             return json.loads(path.read_text())
-    stats = compute_statistics(builder, name)
+    stats = compute_statistics(builder, name, proprio)
     for path in paths:
         if path.parent.exists() and not (os.access(path.parent, os.W_OK) and path.parent.stat().st_mode & 0o200):
             continue
@@ -276,9 +279,11 @@ def dataset_statistics(builder, name: str) -> dict:
     return stats
 
 
-def load_norm_stats(data_root, data_mix: str) -> dict:
-    """{dataset: statistics + action mask} of a mixture: what checkpoints carry as norm_stats."""
-    stats = {name: dataset_statistics(open_dataset(data_root, name), name) for name, _ in resolve_mixture(data_mix)}
+def load_norm_stats(data_root, data_mix: str, proprio: bool = False) -> dict:
+    """{dataset: statistics + action mask} of a mixture: what checkpoints carry as norm_stats (proprio: the real
+    state's statistics, as OFT computes them; else OpenVLA's zeros)."""
+    stats = {name: dataset_statistics(open_dataset(data_root, name), name, proprio)
+             for name, _ in resolve_mixture(data_mix)}
     return {name: {**s, "action": {**s["action"], "mask": ACTION_MASK}} for name, s in stats.items()}
 
 
@@ -356,17 +361,26 @@ class RLDSDataset(torch.utils.data.IterableDataset):
     Augmentation runs only when train and image_aug (OpenVLA pretraining: off; its LoRA fine-tuning: on).
     state_dict() is the number of frames yielded; load_state_dict() continues the same stream after re-reading (but
     not decoding) the frames before it. Use DataLoader(num_workers=0): TF decodes with its own threads.
+    OFT (openvla-oft's pipeline): chunk > 1 makes each frame's action the next `chunk` actions (frames whose chunk
+    would run past the episode's end are dropped, as its chunk_act_obs), wrist adds the wrist camera to pixel_values
+    (B, 12, S, S), proprio normalizes the state with its own statistics; each example also has "actions" (chunk, 7).
     """
 
     def __init__(self, data_root, data_mix: str, tokenizer, image_size: int = 224, image_norm=OPENVLA_IMAGE_NORM,
                  train: bool = True, image_aug: bool = False, shuffle_buffer_size: int = 256_000, seed: int = 7,
-                 rank: int = 0, world: int = 1, split: str | None = None):
+                 rank: int = 0, world: int = 1, split: str | None = None, chunk: int = 1, wrist: bool = False,
+                 proprio: bool = False):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world={world})")
         self.mixture = resolve_mixture(data_mix)  # fails on unknown / unsupported names before any reading
         self.names = [name for name, _ in self.mixture]
         self.builders = [open_dataset(data_root, name) for name in self.names]
-        self.norm_stats = load_norm_stats(data_root, data_mix)
+        self.norm_stats = load_norm_stats(data_root, data_mix, proprio)
+        self.chunk, self.wrist, self.proprio = chunk, wrist, proprio
+        for name in self.names if wrist or proprio else ():
+            if (wrist and not DATASETS[name].wrist) or (proprio and not DATASETS[name].proprio):
+                raise DataError(f"{name}: its layout (oxe.DATASETS) has no {'wrist camera' if wrist else 'proprio'}; "
+                                "train without it, or add it to the dataset's Layout")
         self.tokenizer, self.action_tokenizer = tokenizer, ActionTokenizer(tokenizer.vocab_size)
         self._prompts = LockedTokenizer(tokenizer)
         self.image_size, self.image_norm, self.train = image_size, image_norm, train
@@ -406,12 +420,21 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                             f"episodes for rank {self.rank} of {self.world}")
 
     def _frames(self, i: int):
-        """(i, image bytes, instruction bytes, normalized action, proprio, where) of the frames its `keep` passes."""
-        stats, keep = self.norm_stats[self.names[i]]["action"], DATASETS[self.names[i]].keep
+        """(i, images' bytes, instruction bytes, normalized action (chunk), proprio, where) of the frames `keep`
+        passes."""
+        stats, keep = self.norm_stats[self.names[i]], DATASETS[self.names[i]].keep
+        short = 0  # episodes in a row too short for one chunk: a whole split of them would loop forever
         for where, ep in self._episodes(i):
-            action = normalize_actions(ep["action"], stats).astype(np.float32)  # (T, 7), gripper passes through
+            short = short + 1 if len(ep["action"]) < self.chunk else 0
+            if short > stats["num_trajectories"]:
+                raise DataError(f"{self.names[i]}: no episode has the {self.chunk} steps one action chunk needs")
+            action = normalize_actions(ep["action"], stats["action"]).astype(np.float32)  # gripper passes through
+            proprio = normalize_actions(ep["proprio"], stats["proprio"]) if self.proprio else ep["proprio"]
+            cameras = (ep["image"], ep["wrist_image"]) if self.wrist else (ep["image"],)
             for t in np.flatnonzero(keep(action)) if keep else range(len(action)):
-                yield i, ep["image"][t], ep["instruction"][t], action[t], ep["proprio"][t], where
+                if t + self.chunk <= len(action):
+                    chunk = action[t] if self.chunk == 1 else action[t:t + self.chunk]
+                    yield i, [c[t] for c in cameras], ep["instruction"][t], chunk, proprio[t], where
 
     def _stream(self, rng):
         """Encoded frames in training order with their augmentation seeds: everything random happens here."""
@@ -462,25 +485,30 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                 yield out
 
     def _decode_frame(self, frame: tuple, seed) -> dict:
-        i, image_bytes, instruction, action, proprio, where = frame
-        try:
-            if not len(image_bytes):
-                image = np.zeros((self.image_size, self.image_size, 3), np.uint8)  # padding camera, as original
-            elif self.train and self.image_aug:
-                image = self._augment(image_bytes, seed).numpy()
-            else:
-                image = self._decode(image_bytes).numpy()
-        except tf.errors.InvalidArgumentError as e:
-            raise DataError(f"{where}: cannot decode an image: {e.message.splitlines()[0]}") from None
-        return {"image": image, "action": action, "proprio": proprio, "instruction": instruction.decode(),
-                "dataset_name": self.names[i]}
+        i, cameras, instruction, action, proprio, where = frame
+        images = []
+        for image_bytes in cameras:
+            try:
+                if not len(image_bytes):
+                    images.append(np.zeros((self.image_size, self.image_size, 3), np.uint8))  # padding, as original
+                elif self.train and self.image_aug:
+                    images.append(self._augment(image_bytes, seed).numpy())  # the same crop and jitter on each camera
+                else:
+                    images.append(self._decode(image_bytes).numpy())
+            except tf.errors.InvalidArgumentError as e:
+                raise DataError(f"{where}: cannot decode an image: {e.message.splitlines()[0]}") from None
+        return {"image": images[0], "action": action, "proprio": proprio, "instruction": instruction.decode(),
+                "dataset_name": self.names[i], **({"wrist_image": images[1]} if self.wrist else {})}
 
     def example(self, frame: dict) -> dict:
         """A decoded frame -> model inputs (tokenizer.py builds the ids and labels)."""
-        ids, labels = training_example(self._prompts, self.action_tokenizer, frame["instruction"], frame["action"])
-        return {"pixel_values": to_pixel_values(frame["image"], self.image_norm), "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels), "proprio": torch.from_numpy(frame["proprio"]),
-                "dataset_name": frame["dataset_name"]}
+        action = frame["action"]  # (7,), or (chunk, 7): tokenized flat, a chunk * 7 action-token answer (OFT)
+        ids, labels = training_example(self._prompts, self.action_tokenizer, frame["instruction"], np.ravel(action))
+        images = [frame["image"]] + ([frame["wrist_image"]] if self.wrist else [])
+        return {"pixel_values": torch.cat([to_pixel_values(im, self.image_norm) for im in images]),
+                "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "dataset_name": frame["dataset_name"],
+                "proprio": torch.from_numpy(np.asarray(frame["proprio"], np.float32)),
+                "actions": torch.from_numpy(action.reshape(-1, ACTION_DIM))}
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "rank": self.rank, "world": self.world,
@@ -506,6 +534,8 @@ def collate(examples: list[dict], pad_token_id: int = PAD_TOKEN_ID, max_length: 
              "labels": labels, "dataset_names": [e["dataset_name"] for e in examples]}
     if len({e["proprio"].shape for e in examples}) == 1:  # (B, P) raw states, when the datasets' state sizes agree
         batch["proprio"] = torch.stack([e["proprio"] for e in examples])
+    if "actions" in examples[0]:
+        batch["actions"] = torch.stack([e["actions"] for e in examples])  # (B, chunk, 7) normalized
     return batch
 
 

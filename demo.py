@@ -81,8 +81,8 @@ class DemoEnv:
         image[(r > 0.3) & (r < 0.4)] = (30, 30, 30)  # the gripper: a dark ring at the centre, the block shows through
         return np.ascontiguousarray(image[:, ::-1]) if self.mirrored else image
 
-    def state(self) -> np.ndarray:
-        return np.array([*self.gripper, 0, 0, 0, 0, 0, 0], np.float32)  # LIBERO-like 8-dim proprio (unused)
+    def state(self) -> np.ndarray:  # proprio: the gripper's table position (OFT's proprio token; OpenVLA reads none)
+        return self.gripper.astype(np.float32)
 
 
 def demo_episode(env: DemoEnv) -> dict:
@@ -114,7 +114,7 @@ def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size
     F = tfds.features
     image = F.Image(shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="png")  # flat colours: lossless
     features = {"steps": F.Dataset({
-        "observation": F.FeaturesDict({"image": image, "state": F.Tensor(shape=(8,), dtype=np.float32)}),
+        "observation": F.FeaturesDict({"image": image, "state": F.Tensor(shape=(2,), dtype=np.float32)}),
         "action": F.Tensor(shape=(ACTION_DIM,), dtype=np.float32), "language_instruction": F.Text(),
         "reward": F.Scalar(dtype=np.float32), "discount": F.Scalar(dtype=np.float32),
         **{k: F.Scalar(dtype=np.bool_) for k in ("is_first", "is_last", "is_terminal")}})}
@@ -122,12 +122,14 @@ def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size
 
 
 def demo_success_rate(policy, episodes: int = 50, seed: int = 1234, image_size: int = 224, mirrored=False) -> float:
-    """Closed-loop success of policy(image uint8 (S, S, 3), instruction) -> 7-dim unnormalized action."""
+    """Closed-loop success of policy(image uint8 (S, S, 3), instruction, state) -> a 7-dim unnormalized action, or a
+    chunk of them (chunk, 7), executed in order before the policy is asked again (OFT's open-loop chunks)."""
     env, successes = DemoEnv(image_size, seed, mirrored), 0
     for _ in range(episodes):
-        image, instruction = env.reset()
+        (image, instruction), actions = env.reset(), []
         for _ in range(env.max_steps):
-            image, success = env.step(policy(image, instruction))
+            actions = actions or list(np.atleast_2d(policy(image, instruction, env.state())))
+            image, success = env.step(actions.pop(0))
             if success:
                 successes += 1
                 break

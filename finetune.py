@@ -4,6 +4,7 @@ train.py's flags (--config.*; the fine-tuning recipes below fill what you leave 
     python finetune.py            # demo: teach checkpoints/demo (python train.py) a mirrored camera, in minutes
     python finetune.py --config.init-from checkpoints/openvla-7b --config.data-root /data \
         --config.data-mix my_robot --config.run-dir runs/my_robot      # the original's recipe: 200k steps
+    python finetune.py ... --config.action-head l1 --config.wrist    # OFT: adapters + a new L1 head and projector
     torchrun --nproc-per-node 4 finetune.py ...                      # the same on several GPUs (FSDP2, as train.py)
     python serve.py --config.checkpoint runs/my_robot/merged --config.unnorm-key my_robot
 
@@ -47,7 +48,7 @@ RECIPES = {
     "original": dict(per_device_batch_size=16, learning_rate=5e-4, max_steps=200_000, save_every=5000, image_aug=True,
                      shuffle_buffer_size=100_000, activation_checkpointing=True, bf16=True),
     "demo": dict(per_device_batch_size=16, learning_rate=2e-3, max_steps=300, save_every=100, image_aug=False,
-                 shuffle_buffer_size=10_000, activation_checkpointing=False, bf16=False),  # CPU: fp32 compute
+                 shuffle_buffer_size=10_000, activation_checkpointing=False, bf16=False, chunk=2),  # CPU: fp32
 }
 DEMO = Path("checkpoints/demo")  # what python train.py exports
 # train.py's config with fine-tuning's constants: constant lr, AdamW's default decay, no clipping
@@ -119,7 +120,7 @@ def main(config: train.TrainConfig = FINETUNE, lora: LoRAConfig = LoRAConfig()) 
         if rank == 0 and config.data_root == FINETUNE.data_root and not (config.data_root / "nanovla_demo").exists():
             demo.make_demo(config.data_root, mirrored=True)  # once
         dist.barrier()
-        before = train.demo_success(DEMO, episodes, mirrored=True) if rank == 0 and episodes else None
+        before = train.demo_success(DEMO, episodes, mirrored=True)[0] if rank == 0 and episodes else None
 
     def adapt(vla):
         vla.to(torch.bfloat16).requires_grad_(False)  # the base weights: bf16 shards, as stored, never fp32
@@ -134,7 +135,7 @@ def main(config: train.TrainConfig = FINETUNE, lora: LoRAConfig = LoRAConfig()) 
 
     result = train.main(config, adapt=adapt, merge=lambda state: merged_state(state, alpha / lora.rank))
     if is_demo and rank == 0 and episodes:
-        after, original = (train.demo_success(result["export"], episodes, mirrored=m) for m in (True, False))
+        after, original = (train.demo_success(result["export"], episodes, mirrored=m)[0] for m in (True, False))
         result["success"] = {"before": before, "after": after, "original": original}
         print(f"closed-loop success over {episodes} episodes, mirrored camera: {before:.0%} before, {after:.0%} after "
               f"fine-tuning; original camera after: {original:.0%}. Serve it: python serve.py --config.checkpoint "

@@ -385,7 +385,8 @@ def to_pixel_values(image: np.ndarray, image_norm) -> torch.Tensor:
 
 
 class VLAOutput(NamedTuple):
-    logits: torch.Tensor  # (B, P + T, V) over [BOS, patches, text]; with labels (N, V) at supervised positions
+    logits: torch.Tensor  # (B, P + T, V) over [BOS, patches, text]; with labels (N, V) at supervised positions, or
+    # an OFT model's chunks (B, chunk, action_dim)
     loss: torch.Tensor | None
 
 
@@ -439,14 +440,19 @@ class VLA(nn.Module):
         tokens = self.language_model.model.embed_tokens(input_ids)  # (B, T, D)
         return torch.cat([tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:]], dim=1)
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None) -> VLAOutput:
-        """Right-padded batch -> logits and loss.
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, proprio=None, actions=None):
+        """Right-padded batch -> VLAOutput(logits, loss); an OFT model with labels: (chunks, L1 loss) (oft.forward).
 
         Without labels: logits (B, P + T, V) at every position of [BOS, patches, text]. With labels (training):
         logits (N, V) only where the next token is supervised, in the order of labels[:, 1:][labels[:, 1:] != -100],
         and their mean cross-entropy: the original's loss (patches and prompt are never supervised), without the
         lm_head and logits memory for the ~330 positions of a 7-dim action example that the loss ignores.
         """
+        if self.action_head is not None and labels is not None:  # vla-scripts/finetune.py's run_forward_pass
+            is_action = labels > self.action_tokenizer.begin_idx
+            chunks = oft.forward(self, pixel_values, input_ids, attention_mask, is_action,
+                                 proprio if self.proprio_projector is not None else None)[0].clone()  # not a view
+            return VLAOutput(chunks, F.l1_loss(chunks.float(), actions.float()))  # the mean over B x chunk x dim
         x = self.embed(pixel_values, input_ids)
         B, L, _ = x.shape
         P = L - input_ids.shape[1]

@@ -14,6 +14,7 @@ A released OFT directory is the merged VLA in the usual layout plus `action_head
 parameter names below are the original's (prismatic/models/action_heads.py, projectors.py), so loading is strict.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ CHUNK = 8  # NUM_ACTIONS_CHUNK for LIBERO (prismatic/vla/constants.py); the chec
 PLACEHOLDER_ID, STOP_ID = 1, 2  # predict_action appends torch.ones (BOS ids) for the actions, then STOP
 CROP_SCALE = 0.9  # center_crop_image: the crop area of the train-time random crop, at the center
 HEADS = ("action_head", "proprio_projector")  # VLA attribute = file prefix = parameter-name prefix
+CHUNK_KEY = "num_actions_chunk"  # config.json: the chunk a head was trained for, when it is ours
 
 
 class MLPResNetBlock(nn.Module):
@@ -98,14 +100,16 @@ def read_head(file: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}  # saved from the DDP wrapper
 
 
-def load_heads(vla, path: Path, dtype, device, chunk=CHUNK):
+def load_heads(vla, path: Path, dtype, device):
     """Attach the OFT heads found beside the weights; none there: an OpenVLA model, nothing attached."""
     files = {name: head_file(path, name) for name in HEADS}
     if files["action_head"] is None:
         if files["proprio_projector"] is not None:
             raise _error(f"{files['proprio_projector']}: a proprio projector but no action_head--*_checkpoint.pt")
         return
-    D = vla.config.llm.hidden_size
+    D, chunk = vla.config.llm.hidden_size, json.loads((path / "config.json").read_text()).get(CHUNK_KEY, CHUNK)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise _error(f"{path / 'config.json'}: {CHUNK_KEY} must be a positive integer, got {chunk!r}")
     for name, file in files.items():
         if file is None:
             continue
@@ -124,7 +128,11 @@ def load_heads(vla, path: Path, dtype, device, chunk=CHUNK):
 
 
 def save_heads(vla, path: Path):
-    """The released format back: torch.save of {"module." + name: tensor}, one file per head, same step."""
+    """The released format back: torch.save of {"module." + name: tensor}, one file per head, same step; the chunk
+    size in config.json (the released ones leave it to NUM_ACTIONS_CHUNK; the original ignores unknown keys)."""
+    if vla.action_head is not None:
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, CHUNK_KEY: vla.action_head.chunk}, indent=2) + "\n")
     for name in HEADS:
         if (module := getattr(vla, name, None)) is not None:
             state = {"module." + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -241,10 +249,16 @@ def predict_chunks(vla, images, instructions, keys, proprio=None, center_crop=Tr
     return np.stack([unnormalize_chunk(a, vla.norm_stats[k]["action"]) for a, k in zip(normalized, keys)])
 
 
-def l1_loss(vla, batch):
-    """The training loss as OFT's run_forward_pass (vla-scripts/finetune.py): action-token embeddings zeroed, one
-    bidirectional pass, L1 between the (B, chunk, action_dim) normalized targets and the head's chunks (mean)."""
-    action_mask = batch["labels"] > vla.action_tokenizer.begin_idx
-    predicted, _ = forward(vla, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], action_mask,
-                           batch.get("proprio"))
-    return F.l1_loss(predicted.float(), batch["actions"].float()), predicted
+def add_heads(vla, chunk: int, action_dim: int, proprio_dim: int, seed: int) -> dict:
+    """New heads to train (torch's default init, seeded), attached on the meta device as train.py builds the model ->
+    {parameter name: read_rows} for train.materialize. proprio_dim 0: no proprio projector."""
+    D = vla.config.llm.hidden_size
+    torch.manual_seed(seed)
+    heads = {"action_head": L1RegressionActionHead(D, D, action_dim, chunk)}
+    if proprio_dim:
+        heads["proprio_projector"] = ProprioProjector(D, proprio_dim)
+    full = {}
+    for name, module in heads.items():
+        full.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        setattr(vla, name, module.to("meta"))
+    return {name: lambda i, name, shape, rows: full[name][rows[0]:rows[1]] for name in full}

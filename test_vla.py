@@ -46,7 +46,7 @@ from checkpoint import (
     CheckpointError, build_from_components, hf_config, load_text_tokenizer, read_config, read_tensor,
     read_weight_headers,
 )
-from model import CONFIGS, VLA
+from model import CONFIGS, VLA, to_pixel_values
 from tokenizer import (
     ActionTokenizer, build_text_tokenizer, empty_piece_id, normalize_actions, resolve_unnorm_key, training_example,
     unnormalize_actions,
@@ -957,7 +957,7 @@ def test_data_errors_name_dataset_file_and_expectation(rlds_root, fixture_tokeni
     assert "-train.tfrecord" not in str(e.value)
 
 
-def _pixel_expert(image, instruction):
+def _pixel_expert(image, instruction, state=None):
     """Solve the demo from pixels alone: find the named block's centre in the wrist view, step towards it (the
     gripper is the image centre; a block cut by the image edge still shows on its side of the centre)."""
     S = image.shape[0]
@@ -983,7 +983,7 @@ def test_data_demo_world_rlds_and_closed_loop(tmp_path, fixture_tokenizer):
     tokens = np.stack([ds.action_tokenizer.encode(f["action"]) for f in frames])
     assert set(np.unique(tokens[:, :2])) <= {31999, 31872, 31745, 31744} and (tokens[:, 2:6] == 31872).all()
     assert demo.demo_success_rate(_pixel_expert, episodes=20) == 1.0  # solvable from image + instruction alone
-    assert demo.demo_success_rate(lambda image, instruction: np.zeros(7), episodes=20) == 0.0
+    assert demo.demo_success_rate(lambda image, instruction, state: np.zeros(7), episodes=20) == 0.0
 
 
 # ---- train.py -----------------------------------------------------------------------------------------------------
@@ -1375,15 +1375,75 @@ def test_oft_fixture_training_l1_loss(oft_vla):
                                                     for r in ("full", "wrist")]).flatten(0, 1) for ex in t["examples"]])
     batch = {k: torch.tensor(t["batch"][k]) for k in ("input_ids", "labels", "attention_mask", "proprio", "actions")}
     batch["pixel_values"] = pixel_values
-    with torch.no_grad():
-        loss, predicted = oft.l1_loss(oft_vla, batch)
-        alone = [oft.l1_loss(oft_vla, {k: v[i:i + 1] for k, v in batch.items()})[0] for i in range(2)]
+    keys = ("pixel_values", "input_ids", "attention_mask", "labels", "proprio", "actions")
+    with torch.no_grad():  # VLA.forward with labels: OFT's run_forward_pass for a model with an action head
+        predicted, loss = oft_vla(*(batch[k] for k in keys))
+        alone = [oft_vla(*(batch[k][i:i + 1] for k in keys)).loss for i in range(2)]
     assert abs(loss.item() / t["loss"] - 1) <= 1e-4
     np.testing.assert_allclose(predicted.numpy(), np.load(OFT_FIXTURE / t["predicted_actions_file"]), rtol=0, atol=1e-4)
     l1 = (predicted - batch["actions"]).abs()
     for got, want in ((l1[:, 0].mean(), t["metrics"]["curr_action_l1_loss"]), *zip(alone, t["loss_each_example_alone"]),
                       *zip(l1.mean((1, 2)), t["per_example_l1_in_batch"])):  # row 0 = the current action
         assert abs(float(got) / want - 1) <= 1e-4
+
+
+def test_oft_data_chunks_wrist_and_proprio(rlds_root, fixture_tokenizer):
+    """OFT's pipeline: the next `chunk` actions (frames whose chunk runs past the end dropped, as its chunk_act_obs),
+    the wrist camera after the third-person one, proprio normalized with the real state's statistics."""
+    root, eps = rlds_root
+    ds = data.RLDSDataset(root, "libero_spatial_no_noops", fixture_tokenizer, image_size=16, train=False,
+                          split="train", shuffle_buffer_size=0, chunk=3, wrist=True, proprio=True)
+    episodes = _episodes(ds.builders[0], "libero_spatial_no_noops", "train")
+    states = np.concatenate([ep["proprio"] for ep in episodes]).astype(np.float64)
+    stats = ds.norm_stats["libero_spatial_no_noops"]
+    np.testing.assert_allclose(stats["proprio"]["q99"], np.quantile(states, 0.99, axis=0), rtol=1e-6)
+    want = [(normalize_actions(ep["action"], stats["action"])[t:t + 3], ep["proprio"][t])
+            for ep in episodes for t in range(len(ep["action"]) - 2)]
+    examples = list(iter(ds))
+    assert len(examples) == len(want) < sum(len(ep["action"]) for ep in episodes)
+    for e, (chunk, state) in zip(examples, want):
+        np.testing.assert_array_equal(e["actions"].numpy(), chunk.astype(np.float32))
+        np.testing.assert_allclose(e["proprio"].numpy(), normalize_actions(state, stats["proprio"]), atol=1e-6)
+        assert e["pixel_values"].shape == (12, 16, 16) and torch.equal(e["pixel_values"][6:], to_pixel_values(
+            np.zeros((16, 16, 3), np.uint8), data.OPENVLA_IMAGE_NORM))  # the wrist camera: black in this dataset
+        assert e["labels"][-22:-1].tolist() == ActionTokenizer(32000).encode(chunk).ravel().tolist()  # 3 x 7 tokens
+    batch = data.collate(examples[:4])
+    assert batch["actions"].shape == (4, 3, 7) and batch["proprio"].shape == (4, 8)
+    with pytest.raises(data.DataError, match="no episode has the 9 steps one action chunk needs"):
+        next(iter(data.RLDSDataset(root, "libero_spatial_no_noops", fixture_tokenizer, image_size=16, chunk=9,
+                                   shuffle_buffer_size=0)))
+    with pytest.raises(data.DataError, match="bridge_orig: its layout .* has no wrist camera"):
+        data.RLDSDataset(root, "bridge_orig", fixture_tokenizer, wrist=True)
+
+
+def test_oft_train_and_lora_finetune_l1_resume_export(train_demo, tmp_path):
+    """--config.action-head l1: a new head + proprio projector on the VLA, the L1 loss on chunks, exact resume, and
+    an export that loads as an OFT model; finetune.py: LoRA adapters + the new heads (OFT's main path)."""
+    l1 = dict(action_head="l1", chunk=2, max_steps=4, save_every=2)
+    r = train.main(_config(train_demo, tmp_path / "oft", **l1))
+    losses = [m["loss"] for m in r["history"]]
+    assert losses[-1] < losses[0] and all(abs(m["l1_loss"] - m["loss"]) < 1e-6 for m in r["history"])
+    train.main(_config(train_demo, tmp_path / "resumed", **{**l1, "max_steps": 2}))
+    resumed = train.main(_config(train_demo, tmp_path / "resumed", **l1, resume=True))
+    assert [m["loss"] for m in resumed["history"]] == losses[2:]
+    export = tmp_path / "oft" / "export"
+    assert json.loads((export / "config.json").read_text())["num_actions_chunk"] == 2
+    assert sorted(f.name for f in export.glob("*.pt")) == [f"{h}--4_checkpoint.pt" for h in oft.HEADS]
+    vla = VLA.from_pretrained(export)
+    assert (vla.action_head.chunk, vla.proprio_projector.fc1.in_features) == (2, 2)  # the demo's state: (x, y)
+    env = demo.DemoEnv(seed=3)
+    image, instruction = env.reset()
+    chunk = vla.predict_action(image, instruction, unnorm_key="nanovla_demo", proprio=env.state())
+    assert chunk.shape == (2, 7) and np.isfinite(chunk).all()
+    f = finetune.main(replace(finetune.FINETUNE, init_from=FIXTURE, data_root=train_demo, run_dir=tmp_path / "ft",
+                              per_device_batch_size=4, image_aug=False, shuffle_buffer_size=64,
+                              **{**l1, "max_steps": 2}))
+    trained = {n.split(".")[0] if n.startswith(oft.HEADS) else n.split(".")[-1]
+               for n, p in f["model"].named_parameters() if p.requires_grad}
+    assert trained == {"lora_A", "lora_B", *oft.HEADS}
+    merged = VLA.from_pretrained(tmp_path / "ft" / "merged")
+    assert merged.action_head.chunk == 2 and merged.predict_action(image, instruction, "nanovla_demo",
+                                                                  proprio=env.state()).shape == (2, 7)
 
 
 def test_oft_save_load_layout_and_bad_heads(oft_vla, tmp_path):

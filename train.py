@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -38,6 +39,7 @@ from torch.distributed.tensor import DTensor
 
 import data
 import demo
+import oft
 from checkpoint import check_state, load_text_tokenizer, read_config, read_tensor, read_weight_headers
 from model import CONFIGS, VLA, init_weights
 from tokenizer import IGNORE_INDEX, action_dim, build_text_tokenizer
@@ -107,17 +109,25 @@ class TrainConfig:
     """closed-loop demo episodes after training (demo task only; 0: skip)"""
     wandb_project: str | None = None
     """also log to this Weights & Biases project (wandb is imported only when set)"""
+    action_head: Literal["tokens", "l1"] = "tokens"
+    """tokens: OpenVLA's autoregressive action tokens; l1: OFT's chunk from one bidirectional pass, MLP head, L1"""
+    chunk: int | None = None
+    """actions per chunk with action-head l1 (OFT's NUM_ACTIONS_CHUNK, 8 for LIBERO); None: the recipe's"""
+    wrist: bool = False
+    """with action-head l1: the wrist camera as a second image (the dataset's oxe.Layout names it)"""
+    proprio: bool = True
+    """with action-head l1: the robot state, normalized, as one more input token (OFT's use_proprio)"""
 
 
 # None fields take these values: openvla-7b's is the original's (prismatic/conf/vla.py); tiny's trains the demo.
 RECIPES = {
     "openvla-7b": dict(global_batch_size=2048, learning_rate=2e-5, schedule="constant", warmup_ratio=0.0,
                        weight_decay=0.0, epochs=1000, activation_checkpointing=True, shuffle_buffer_size=256_000,
-                       save_every=2500, bf16=True, image_aug=False),
+                       save_every=2500, bf16=True, image_aug=False, chunk=8),
     "tiny": dict(global_batch_size=16, learning_rate=2e-3, schedule="warmup+cosine", warmup_ratio=0.03,
                  weight_decay=0.0, max_steps=1000, activation_checkpointing=False, shuffle_buffer_size=10_000,
-                 save_every=200, export_dir=Path("checkpoints/demo"), bf16=False, image_aug=False),
-}
+                 save_every=200, export_dir=Path("checkpoints/demo"), bf16=False, image_aug=False, chunk=2),
+}  # the demo's episodes are 2-3 steps long: a chunk of 2 (OFT's pipeline drops frames whose chunk runs past the end)
 RECIPES["mid"] = RECIPES["openvla-7b"]
 
 
@@ -126,6 +136,11 @@ def resolve(config: TrainConfig, world: int) -> tuple[TrainConfig, int]:
     if config.global_batch_size is None and config.per_device_batch_size:
         config = replace(config, global_batch_size=config.per_device_batch_size * world)
     recipe = RECIPES[config.model or ("openvla-7b" if config.init_from else "tiny")]
+    if config.action_head == "l1" and config.run_dir == TrainConfig.run_dir:  # the demo's OFT twin, beside it
+        config = replace(config, run_dir=Path("runs/demo-oft"))
+        recipe = {**recipe, "export_dir": Path("checkpoints/demo-oft")}
+    if config.action_head == "tokens" and config.wrist:
+        raise ValueError("--config.wrist needs --config.action-head l1 (OpenVLA's token head reads one image)")
     fill = {k: v for k, v in recipe.items() if getattr(config, k) is None and not (k == "epochs" and config.max_steps)}
     config = replace(config, **fill)
     if config.export_dir is None:
@@ -221,13 +236,19 @@ def random_init(seed: int):
 
 
 @torch.no_grad()
-def action_metrics(out, labels, begin_idx: int, decode) -> torch.Tensor:
+def action_metrics(out, batch, begin_idx: int, decode) -> torch.Tensor:
     """The original's metrics (prismatic/training/strategies/base_strategy.py) as device-side sums: [loss, correct
-    action tokens, action tokens, L1 of de-tokenized actions, 1 micro-batch, examples]."""
-    gt = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,) in the logits' row order
-    preds, mask = out.logits.argmax(-1), gt > begin_idx  # action tokens: not EOS, not prompt
-    l1 = (decode[preds] - decode[gt]).abs()[mask].sum()
-    n = [out.loss.detach(), ((preds == gt) & mask).sum(), mask.sum(), l1, l1.new_tensor(1), l1.new_tensor(len(labels))]
+    action tokens, action tokens, L1 of de-tokenized actions, 1 micro-batch, examples]; OFT's chunks: no accuracy,
+    the L1 of each normalized action value."""
+    labels = batch["labels"]
+    if out.logits.ndim == 3:  # (B, chunk, action_dim)
+        error = (out.logits.float() - batch["actions"].float()).abs()
+        correct, mask, l1 = error.new_tensor(0), error.new_tensor(error.numel()), error.sum()
+    else:
+        gt = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,) in the logits' row order
+        preds, mask = out.logits.argmax(-1), gt > begin_idx  # action tokens: not EOS, not prompt
+        correct, l1 = ((preds == gt) & mask).sum(), (decode[preds] - decode[gt]).abs()[mask].sum()
+    n = [out.loss.detach(), correct, mask.sum(), l1, l1.new_tensor(1), l1.new_tensor(len(labels))]
     return torch.stack([x.double() for x in n])
 
 
@@ -288,7 +309,7 @@ def load_checkpoint(found: list[Path], vla, optimizer, dataset) -> int:
     return int(state["step"])
 
 
-def export(vla, config: TrainConfig, model_config, tokenizer, norm_stats, merge=None) -> Path | None:
+def export(vla, config: TrainConfig, model_config, tokenizer, norm_stats, merge=None, step=0) -> Path | None:
     """Consolidated released-layout checkpoint, written by rank 0 from a full state dict gathered to its CPU;
     merge(state) -> state maps the trained model's names to the release's (finetune.py folds LoRA in)."""
     full = get_model_state_dict(vla, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
@@ -297,6 +318,10 @@ def export(vla, config: TrainConfig, model_config, tokenizer, norm_stats, merge=
     full, dtype, path = merge(full) if merge else full, getattr(torch, config.export_dtype), config.export_dir
     with torch.device("meta"):
         out = VLA(replace(model_config, norm_stats=norm_stats))
+    if vla.action_head is not None:  # OFT's heads, named action_head--<step>_checkpoint.pt as the original's
+        proprio_dim = vla.proprio_projector.fc1.in_features if vla.proprio_projector is not None else 0
+        oft.add_heads(out, vla.action_head.chunk, vla.action_head.action_dim, proprio_dim, 0)
+        out.action_head.step = str(step)
     out.load_state_dict({k: v.to(dtype) for k, v in full.items()}, strict=True, assign=True)
     out.tokenizer, out.tokenizer_dir = tokenizer, config.init_from
     out.save_pretrained(path)
@@ -310,6 +335,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     rank, world, device = setup_distributed()
     is_main = rank == 0
     config, accumulation = resolve(config, world)
+    l1 = config.action_head == "l1"
     run_dir, found = config.run_dir, checkpoints(config.run_dir)
     if found and not config.resume:
         raise SystemExit(f"{run_dir} already has checkpoints ({found[-1].name}); pass --config.resume to continue "
@@ -328,7 +354,8 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
         dist.barrier()
     dataset = data.RLDSDataset(config.data_root, config.data_mix, tokenizer, train=True, image_aug=config.image_aug,
                                image_size=model_config.vision[0].image_size, image_norm=model_config.image_norm,
-                               shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed, rank=rank, world=world)
+                               shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed, rank=rank, world=world,
+                               chunk=config.chunk if l1 else 1, wrist=config.wrist, proprio=l1 and config.proprio)
     dims = {k: action_dim(model_config.norm_stats, k) for k in model_config.norm_stats}
     for name in dataset.norm_stats if headers and dims else ():  # one token per action dimension: the head's layout
         if (new := action_dim(dataset.norm_stats, name)) not in dims.values():
@@ -339,11 +366,18 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
         vla = VLA(model_config)
     vla.tokenizer = tokenizer
     frozen = set(vla.unused_parameter_names())  # never influence the output: no gradient, kept out of AdamW
+    frozen |= {"language_model.lm_head.weight"} if l1 else set()  # the L1 head reads hidden states, not logits
     for name, p in vla.named_parameters():
         if (name in frozen or (config.freeze_vision and name.startswith("vision_backbone."))
                 or (config.freeze_llm and name.startswith("language_model."))):
             p.requires_grad_(False)
     added = adapt(vla) if adapt else {}
+    if l1:  # OFT: a new action head (and proprio projector), trained in full beside the VLA (or its adapters)
+        widths = {len(s["proprio"]["mean"]) for s in dataset.norm_stats.values()} if config.proprio else {0}
+        if len(widths) != 1:
+            raise data.DataError(f"the mixture's datasets have proprio states of different widths {sorted(widths)}; "
+                                 "one proprio projector needs one width (or pass --config.proprio False)")
+        added.update(oft.add_heads(vla, config.chunk, data.ACTION_DIM, widths.pop(), config.seed))
     group = config.shard_group_size or world
     # 1-d mesh: FSDP over every rank. 2-d (replicate, shard): parameters and optimizer state are sharded within a
     # group and replicated across groups; gradients are reduce-scattered in the group, then all-reduced across them.
@@ -411,10 +445,11 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             # reduce-scatter after the last micro-batch only; until then FSDP sums each block's unsharded fp32 grad
             vla.set_requires_gradient_sync(micro == accumulation - 1)
             # with labels, out.logits is (N, V): only the N supervised positions
-            out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+            out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                      batch.get("proprio"), batch.get("actions"))  # an OFT model: chunks and their L1 loss
             # .grad sums micro-batches and FSDP averages ranks: loss / A makes the step's gradient one global batch's
             (out.loss / accumulation).backward()
-            window += action_metrics(out, batch["labels"], vla.action_tokenizer.begin_idx, decode)
+            window += action_metrics(out, batch, vla.action_tokenizer.begin_idx, decode)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm  # same on every rank
         optimizer.step()
@@ -456,25 +491,41 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             if is_main:
                 print(("\n" if sys.stdout.isatty() else "") + f"saved {path}")
 
-    path = export(vla, config, model_config, tokenizer, norm_stats, merge)
+    path = export(vla, config, model_config, tokenizer, norm_stats, merge, step)
     result = {"step": step, "history": history, "export": path, "model": vla, **params}
     if is_main:
         key = f" --config.unnorm-key {config.data_mix}" if len(norm_stats) > 1 and config.data_mix in norm_stats else ""
         print(f"exported {path}; serve it with: python serve.py --config.checkpoint {path}{key}")
         if config.data_mix == "nanovla_demo" and config.eval_episodes:
-            result["success_rate"] = demo_success(path, config.eval_episodes)
-            print(f"closed-loop success {result['success_rate']:.0%} over {config.eval_episodes} demo episodes")
+            result["success_rate"], speed = demo_success(path, config.eval_episodes)
+            print(f"closed-loop success {result['success_rate']:.0%} over {config.eval_episodes} demo episodes, "
+                  f"{speed:.1f} actions/s")
+            token_demo = RECIPES["tiny"]["export_dir"]
+            if l1 and (token_demo / "config.json").exists():  # the autoregressive demo policy on the same episodes
+                rate, token_speed = demo_success(token_demo, config.eval_episodes)
+                print(f"autoregressive {token_demo}: {rate:.0%}, {token_speed:.1f} actions/s; OFT's chunks: "
+                      f"{speed / token_speed:.1f}x the actions per second")
         if config.wandb_project:
             wandb.finish()
     dist.barrier()
     return result
 
 
-def demo_success(path: Path, episodes: int, mirrored: bool = False) -> float:
-    """Closed-loop success in the demo world (demo.py) of the checkpoint at path, loaded as serve.py loads it."""
-    vla = VLA.from_pretrained(path, dtype=torch.float32)
-    policy = lambda image, instruction: vla.predict_action(image, instruction, unnorm_key="nanovla_demo")  # noqa: E731
-    return demo.demo_success_rate(policy, episodes=episodes, mirrored=mirrored)
+def demo_success(path: Path, episodes: int, mirrored: bool = False) -> tuple[float, float]:
+    """Closed-loop success in the demo world (demo.py) of the checkpoint at path, loaded as serve.py loads it, and
+    the policy's actions per second (an OFT chunk counts each of its actions)."""
+    vla, clock = VLA.from_pretrained(path, dtype=torch.float32), [0.0, 0]
+
+    def policy(image, instruction, state):
+        start = time.perf_counter()
+        if vla.action_head is None:
+            action = vla.predict_action(image, instruction, unnorm_key="nanovla_demo")
+        else:  # OFT: the state when the model reads one; no center crop (the demo trains without random crops)
+            proprio = None if vla.proprio_projector is None else [state]
+            action = vla.predict_actions([image], [instruction], "nanovla_demo", proprio, center_crop=False)[0]
+        clock[0], clock[1] = clock[0] + time.perf_counter() - start, clock[1] + len(np.atleast_2d(action))
+        return action
+    return demo.demo_success_rate(policy, episodes=episodes, mirrored=mirrored), clock[1] / max(clock[0], 1e-9)
 
 
 def cli(main):
