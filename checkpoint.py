@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import oft
-from model import BACKBONES, CONFIGS, VLA, LlamaConfig, ViTConfig, VLAConfig
+from model import BACKBONES, CONFIGS, VLA, LlamaConfig, VLAConfig
 from tokenizer import MAX_TEXT_TOKENS, PAD_TOKEN, TextTokenizer
 
 
@@ -46,10 +46,6 @@ def read_json(file: Path, types=dict):
     except (ValueError, UnicodeDecodeError) as e:  # truncated or garbled
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     return expect(raw, types, file, "the top-level value")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Weights: safetensors headers, strict check, reads, writes
 
 
 def read_weight_headers(path: Path) -> dict:
@@ -112,15 +108,13 @@ def read_tensor(headers: dict, key: str, rows: tuple[int, int] | None = None) ->
 
 
 def load_weights(vla: torch.nn.Module, headers: dict, dtype: torch.dtype, device):
-    """Each tensor copied out of its file (cast to dtype, on device) and assigned in place of the meta model's
-    placeholder: one mapped tensor at a time, nothing allocated twice, and no to_empty (meta empty_like would import
-    torch's symbolic-shape machinery). The copy decouples the model from the files, which may be replaced later."""
-    state = {}
-    bar = _bytes_bar(sum(s.itemsize * torch.Size(shape).numel() for _, s, shape in headers.values()), "loading weights")
-    for key, (_, stored, shape) in headers.items():
-        state[key] = read_tensor(headers, key).to(device=device, dtype=dtype, copy=True)
-        bar.update(stored.itemsize * torch.Size(shape).numel())
-    bar.close()
+    """Each tensor copied out of its file (cast to dtype, on device; the copy outlives the file) and assigned in place
+    of its meta placeholder: one at a time, nothing allocated twice, no to_empty (meta empty_like imports sympy)."""
+    state, sizes = {}, {key: s.itemsize * torch.Size(shape).numel() for key, (_, s, shape) in headers.items()}
+    with _bytes_bar(sum(sizes.values()), "loading weights") as bar:
+        for key in headers:
+            state[key] = read_tensor(headers, key).to(device=device, dtype=dtype, copy=True)
+            bar.update(sizes[key])
     vla.load_state_dict(state, assign=True)
 
 
@@ -152,28 +146,11 @@ def write_weights(vla: torch.nn.Module, out: Path, max_shard_bytes: int):
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(map(nbytes, shards))}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    bar = _bytes_bar(sum(map(nbytes, shards)), "saving weights")
-    for name, shard in zip(names, shards):
-        # "format": "pt" is what transformers' loader checks in the metadata
-        tensors = {k: t.detach().contiguous().cpu() for k, t in shard.items()}
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        bar.update(nbytes(shard))
-    bar.close()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# config.json, dataset_statistics.json, preprocessor_config.json
-
-
-def _vit_shape(headers, prefix, release: ViTConfig, size, file) -> ViTConfig:
-    def shape(key):
-        if f"{prefix}.{key}" not in headers:
-            raise CheckpointError(f"{file}: missing tensor {prefix}.{key}")
-        return headers[f"{prefix}.{key}"][2]
-
-    depth = len({k.split(".")[3] for k in headers if k.startswith(prefix + ".blocks.")})
-    return replace(release, embed_dim=shape("pos_embed")[-1], depth=depth,
-                   mlp_hidden=shape("blocks.0.mlp.fc1.weight")[0], image_size=size)
+    with _bytes_bar(sum(map(nbytes, shards)), "saving weights") as bar:
+        for name, shard in zip(names, shards):
+            tensors = {k: t.detach().contiguous().cpu() for k, t in shard.items()}
+            save_file(tensors, str(out / name), metadata={"format": "pt"})  # the metadata transformers' loader checks
+            bar.update(nbytes(shard))
 
 
 def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
@@ -214,7 +191,12 @@ def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
     vision = []
     for i, ((release, _), timm_id) in enumerate(zip(views, timm_ids)):
         prefix = "vision_backbone." + ("featurizer" if i == 0 else "fused_featurizer")
-        v = _vit_shape(headers, prefix, release, size, path)
+        pos, fc1 = f"{prefix}.pos_embed", f"{prefix}.blocks.0.mlp.fc1.weight"
+        if missing := [k for k in (pos, fc1) if k not in headers]:
+            raise CheckpointError(f"{path}: missing tensor {missing[0]}")
+        depth = len({k.split(".")[3] for k in headers if k.startswith(prefix + ".blocks.")})
+        v = replace(release, embed_dim=headers[pos][2][-1], depth=depth, mlp_hidden=headers[fc1][2][0],
+                    image_size=size)
         name = timm_id.split(".")[0]
         heads = expect(overrides.get(name) or {}, dict, file, f"timm_overrides.{name}").get("num_heads")
         heads = expect(heads, (int, type(None)), file, f"timm_overrides.{name}.num_heads")
@@ -291,10 +273,6 @@ def hf_preprocessor_config(cfg: VLAConfig) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer files
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -316,12 +294,9 @@ def load_text_tokenizer(path) -> TextTokenizer:
 
 
 def save_text_tokenizer(tokenizer, out_dir: Path, source_dir=None):
-    """Write the tokenizer files of a checkpoint directory in the release's format.
-
-    A tokenizer loaded from a checkpoint is copied file by file (byte-identical round trip). A locally built one is
-    written as tokenizer.json plus a tokenizer_config.json naming LlamaTokenizer, which transformers 4.40.1 (the
-    original's pin) reads as LlamaTokenizerFast; transformers 5's own save would name a class 4.40.1 lacks.
-    """
+    """The tokenizer files in the release's format: source_dir's copied byte for byte, else tokenizer.json and a
+    tokenizer_config.json naming LlamaTokenizer, which transformers 4.40.1 (the original's pin) reads as
+    LlamaTokenizerFast; transformers 5's own save would name a class 4.40.1 lacks."""
     if source_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(source_dir) / name).exists():
@@ -341,10 +316,6 @@ def save_text_tokenizer(tokenizer, out_dir: Path, source_dir=None):
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     special_map = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": PAD_TOKEN, "unk_token": "<unk>"}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Whole directories
 
 
 def save_pretrained(vla: VLA, path: Path, max_shard_bytes: int):
@@ -369,13 +340,12 @@ def save_pretrained(vla: VLA, path: Path, max_shard_bytes: int):
     dump("dataset_statistics.json", vla.config.norm_stats)
     save_text_tokenizer(vla.tokenizer, tmp, getattr(vla, "tokenizer_dir", None))
     oft.save_heads(vla, tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
+    if old:
         path.rename(old)
-        tmp.rename(path)
+    tmp.rename(path)
+    if old:
         shutil.rmtree(old)
-    else:
-        tmp.rename(path)
 
 
 def build_from_components(config: VLAConfig, vision_states: list[dict], llama_dir, dtype=torch.bfloat16, device="cpu"):
@@ -408,8 +378,7 @@ def build_from_components(config: VLAConfig, vision_states: list[dict], llama_di
                 raise CheckpointError(f"{headers[key][0]}: {key} is not a Llama-2 weight this model has")
             state[ours][: value.shape[0]].copy_(value)  # embed_tokens / lm_head: the first 32000 of 32064 rows
             loaded.add(ours)
-    missing = [k for k in state if k not in loaded and not k.startswith("projector.")]
-    if missing:
+    if missing := [k for k in state if k not in loaded and not k.startswith("projector.")]:
         raise CheckpointError(f"pretrained components lack {len(missing)} weights, e.g. {missing[:5]}")
     vla.tokenizer, vla.tokenizer_dir = load_text_tokenizer(llama_dir), llama_dir
     return vla
