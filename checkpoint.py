@@ -95,9 +95,8 @@ def check_state(headers: dict, shapes: dict, where) -> None:
         raise CheckpointError(f"{where}: state-dict mismatch: missing {len(missing)} keys {missing[:5]}, unexpected "
                               f"{len(unexpected)} keys {unexpected[:5]} (in {files})")
     for key, shape in shapes.items():
-        if headers[key][2] != tuple(shape):
-            raise CheckpointError(f"{headers[key][0]}: {key} has shape {list(headers[key][2])}, the model expects "
-                                  f"{list(shape)}")
+        if (found := headers[key][2]) != tuple(shape):
+            raise CheckpointError(f"{headers[key][0]}: {key} has shape {list(found)}, the model expects {list(shape)}")
 
 
 def read_tensor(headers: dict, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -133,13 +132,12 @@ def write_weights(vla: torch.nn.Module, out: Path, max_shard_bytes: int):
     for key, t in vla.state_dict().items():
         if key.startswith(oft.HEADS):  # OFT's heads go to their own .pt files (oft.save_heads)
             continue
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][key] = t
-        size += nbytes
-    nbytes = lambda shard: sum(t.numel() * t.element_size() for t in shard.values())  # noqa: E731
+        size += t.nbytes
+    nbytes = lambda shard: sum(t.nbytes for t in shard.values())  # noqa: E731
     names = ["model.safetensors"]
     if len(shards) > 1:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -244,14 +242,11 @@ def hf_config(cfg: VLAConfig, dtype_name: str) -> dict:
         "transformers_version": "4.40.1", "use_fused_vision_backbone": len(views) == 2,
         "vision_backbone_id": cfg.vision_backbone_id,
     }
-    # ViT sizes other than the release's are recorded under our own key (the original ignores unknown keys and takes
-    # sizes from timm's ids; a reader of this file and our loader need them).
+    # ViT sizes other than the release's go under our own key, for our loader (the original takes sizes from timm ids)
     overrides = {tid.split(".")[0]: {"embed_dim": v.embed_dim, "depth": v.depth, "num_heads": v.num_heads}
                  for tid, v, (release, _) in zip(timm_ids, cfg.vision, views)
                  if (v.embed_dim, v.depth, v.num_heads) != (release.embed_dim, release.depth, release.num_heads)}
-    if overrides:
-        out["timm_overrides"] = overrides
-    return out
+    return out | ({"timm_overrides": overrides} if overrides else {})
 
 
 def hf_preprocessor_config(cfg: VLAConfig) -> dict:
@@ -350,10 +345,9 @@ def save_pretrained(vla: VLA, path: Path, max_shard_bytes: int):
 
 def build_from_components(config: VLAConfig, vision_states: list[dict], llama_dir, dtype=torch.bfloat16, device="cpu"):
     """The untrained VLA of OpenVLA's recipe: pretrained ViTs (timm state dicts, in backbone order) + a Llama-2 HF
-    directory + a freshly initialized projector. Our names mirror timm's and transformers', so this is a prefix
-    mapping plus two details: timm's LayerScale `gamma` is our `scale_factor`, and the 32000-row Llama-2 embeddings
-    are padded to 32064 rows (<PAD> + multiple of 64; new rows ~ N(0, 0.02), as transformers' resize_token_embeddings
-    did)."""
+    directory + a freshly initialized projector. Our names mirror timm's and transformers', so this is a prefix mapping
+    plus two details: timm's LayerScale `gamma` is our `scale_factor`, and the 32000-row Llama-2 embeddings are padded
+    to 32064 rows (<PAD> + multiple of 64; new rows ~ N(0, 0.02), as transformers' resize_token_embeddings did)."""
     llama_dir = Path(llama_dir)
     llama_cfg = read_json(llama_dir / "config.json") if (llama_dir / "config.json").exists() else {}
     # Training used Llama-2's own config (rms_norm_eps 1e-5); the released HF model runs 1e-6 (its config.json).
