@@ -107,6 +107,7 @@ CONFIGS = {
                     LlamaConfig(32064, 64, 172, 2, 4)),
 }
 
+
 def run_block(block, *args):
     """Run a ViT block or decoder layer; with block.checkpointing set (train.py), keep only its input for backward and
     recompute its activations then: memory per block drops from all intermediates to one (B, T, D) tensor."""
@@ -412,8 +413,6 @@ class VLA(nn.Module):
     def num_patches(self):  # P: 256 for 224 x 224 images in 14 x 14 patches
         return self.vision_backbone.featurizer.pos_embed.shape[1]
 
-    # -- training forward ---------------------------------------------------------------------------------------
-
     def embed(self, pixel_values, input_ids):
         """[BOS, 256 projected patches, rest of the text], as prismatic/models/vlms/prismatic.py orders them."""
         patches = self.projector(self.vision_backbone(pixel_values.to(self.projector.fc1.weight.dtype)))  # (B, P, D)
@@ -441,8 +440,6 @@ class VLA(nn.Module):
         # one mean over every supervised token of the batch (not per example), as transformers' Llama loss
         return VLAOutput(logits, F.cross_entropy(logits, labels[:, 1:][keep]))
 
-    # -- inference ------------------------------------------------------------------------------------------------
-
     def preprocess(self, images) -> torch.Tensor:
         """Images (HxWx3 uint8 arrays or PIL images, any size) -> pixel_values (B, 3 * views, S, S) float32, as the
         released processor: PIL bicubic resize (antialiased) straight to SxS ("resize-naive"), then to_pixel_values."""
@@ -469,10 +466,9 @@ class VLA(nn.Module):
 
     @torch.inference_mode()
     def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int):
-        """Greedy KV-cached decoding for B prompts of any lengths in one batch -> (B, max_new_tokens) token ids. Rows
-        are left-padded *after* the multimodal embedding ([pad.., BOS, patches, text]) so every row's next token lands
-        in the same column; positions restart at 0 on each row's BOS and padded keys are masked: each row equals its
-        one-by-one result."""
+        """Greedy KV-cached decoding of B prompts of any lengths in one batch -> (B, max_new_tokens) ids. Rows are
+        left-padded *after* the multimodal embedding ([pad.., BOS, patches, text]) so every row's next token lands in
+        one column; positions restart at 0 on each BOS, padded keys are masked: each row equals its unbatched result."""
         device = self.projector.fc1.weight.device
         B, lengths, T = len(prompts), [len(p) for p in prompts], max(len(p) for p in prompts)
         ids = torch.tensor([p + [self.config.pad_token_id] * (T - len(p)) for p in prompts], device=device)
@@ -524,8 +520,6 @@ class VLA(nn.Module):
         """One image + instruction -> (action_dim,) action, as the original's predict_action(do_sample=False);
         an OFT model: image(s) [+ proprio] -> the (chunk, action_dim) chunk, as OFT's get_vla_action."""
         return self.predict_actions([image], [instruction], unnorm_key, None if proprio is None else [proprio])[0]
-
-    # -- building, loading, saving -------------------------------------------------------------------------------
 
     @classmethod
     def build(cls, name_or_config="tiny", dtype=torch.float32, device="cpu", seed=0):
