@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import oft
-from model import BACKBONES, CONFIGS, VLA, LlamaConfig, ViTConfig, VLAConfig
+from model import BACKBONES, CONFIGS, VLA, LlamaConfig, VLAConfig
 from tokenizer import MAX_TEXT_TOKENS, PAD_TOKEN, TextTokenizer
 
 
@@ -46,10 +46,6 @@ def read_json(file: Path, types=dict):
     except (ValueError, UnicodeDecodeError) as e:  # truncated or garbled
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     return expect(raw, types, file, "the top-level value")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Weights: safetensors headers, strict check, reads, writes
 
 
 def read_weight_headers(path: Path) -> dict:
@@ -99,9 +95,8 @@ def check_state(headers: dict, shapes: dict, where) -> None:
         raise CheckpointError(f"{where}: state-dict mismatch: missing {len(missing)} keys {missing[:5]}, unexpected "
                               f"{len(unexpected)} keys {unexpected[:5]} (in {files})")
     for key, shape in shapes.items():
-        if headers[key][2] != tuple(shape):
-            raise CheckpointError(f"{headers[key][0]}: {key} has shape {list(headers[key][2])}, the model expects "
-                                  f"{list(shape)}")
+        if (found := headers[key][2]) != tuple(shape):
+            raise CheckpointError(f"{headers[key][0]}: {key} has shape {list(found)}, the model expects {list(shape)}")
 
 
 def read_tensor(headers: dict, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -112,15 +107,13 @@ def read_tensor(headers: dict, key: str, rows: tuple[int, int] | None = None) ->
 
 
 def load_weights(vla: torch.nn.Module, headers: dict, dtype: torch.dtype, device):
-    """Each tensor copied out of its file (cast to dtype, on device) and assigned in place of the meta model's
-    placeholder: one mapped tensor at a time, nothing allocated twice, and no to_empty (meta empty_like would import
-    torch's symbolic-shape machinery). The copy decouples the model from the files, which may be replaced later."""
-    state = {}
-    bar = _bytes_bar(sum(s.itemsize * torch.Size(shape).numel() for _, s, shape in headers.values()), "loading weights")
-    for key, (_, stored, shape) in headers.items():
-        state[key] = read_tensor(headers, key).to(device=device, dtype=dtype, copy=True)
-        bar.update(stored.itemsize * torch.Size(shape).numel())
-    bar.close()
+    """Each tensor copied out of its file (cast to dtype, on device; the copy outlives the file) and assigned in place
+    of its meta placeholder: one at a time, nothing allocated twice, no to_empty (meta empty_like imports sympy)."""
+    state, sizes = {}, {key: s.itemsize * torch.Size(shape).numel() for key, (_, s, shape) in headers.items()}
+    with _bytes_bar(sum(sizes.values()), "loading weights") as bar:
+        for key in headers:
+            state[key] = read_tensor(headers, key).to(device=device, dtype=dtype, copy=True)
+            bar.update(sizes[key])
     vla.load_state_dict(state, assign=True)
 
 
@@ -139,41 +132,23 @@ def write_weights(vla: torch.nn.Module, out: Path, max_shard_bytes: int):
     for key, t in vla.state_dict().items():
         if key.startswith(oft.HEADS):  # OFT's heads go to their own .pt files (oft.save_heads)
             continue
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][key] = t
-        size += nbytes
-    nbytes = lambda shard: sum(t.numel() * t.element_size() for t in shard.values())  # noqa: E731
+        size += t.nbytes
+    nbytes = lambda shard: sum(t.nbytes for t in shard.values())  # noqa: E731
     names = ["model.safetensors"]
     if len(shards) > 1:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         index = {"metadata": {"total_size": sum(map(nbytes, shards))}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    bar = _bytes_bar(sum(map(nbytes, shards)), "saving weights")
-    for name, shard in zip(names, shards):
-        # "format": "pt" is what transformers' loader checks in the metadata
-        tensors = {k: t.detach().contiguous().cpu() for k, t in shard.items()}
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        bar.update(nbytes(shard))
-    bar.close()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# config.json, dataset_statistics.json, preprocessor_config.json
-
-
-def _vit_shape(headers, prefix, release: ViTConfig, size, file) -> ViTConfig:
-    def shape(key):
-        if f"{prefix}.{key}" not in headers:
-            raise CheckpointError(f"{file}: missing tensor {prefix}.{key}")
-        return headers[f"{prefix}.{key}"][2]
-
-    depth = len({k.split(".")[3] for k in headers if k.startswith(prefix + ".blocks.")})
-    return replace(release, embed_dim=shape("pos_embed")[-1], depth=depth,
-                   mlp_hidden=shape("blocks.0.mlp.fc1.weight")[0], image_size=size)
+    with _bytes_bar(sum(map(nbytes, shards)), "saving weights") as bar:
+        for name, shard in zip(names, shards):
+            tensors = {k: t.detach().contiguous().cpu() for k, t in shard.items()}
+            save_file(tensors, str(out / name), metadata={"format": "pt"})  # the metadata transformers' loader checks
+            bar.update(nbytes(shard))
 
 
 def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
@@ -214,7 +189,12 @@ def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
     vision = []
     for i, ((release, _), timm_id) in enumerate(zip(views, timm_ids)):
         prefix = "vision_backbone." + ("featurizer" if i == 0 else "fused_featurizer")
-        v = _vit_shape(headers, prefix, release, size, path)
+        pos, fc1 = f"{prefix}.pos_embed", f"{prefix}.blocks.0.mlp.fc1.weight"
+        if missing := [k for k in (pos, fc1) if k not in headers]:
+            raise CheckpointError(f"{path}: missing tensor {missing[0]}")
+        depth = len({k.split(".")[3] for k in headers if k.startswith(prefix + ".blocks.")})
+        v = replace(release, embed_dim=headers[pos][2][-1], depth=depth, mlp_hidden=headers[fc1][2][0],
+                    image_size=size)
         name = timm_id.split(".")[0]
         heads = expect(overrides.get(name) or {}, dict, file, f"timm_overrides.{name}").get("num_heads")
         heads = expect(heads, (int, type(None)), file, f"timm_overrides.{name}.num_heads")
@@ -262,14 +242,11 @@ def hf_config(cfg: VLAConfig, dtype_name: str) -> dict:
         "transformers_version": "4.40.1", "use_fused_vision_backbone": len(views) == 2,
         "vision_backbone_id": cfg.vision_backbone_id,
     }
-    # ViT sizes other than the release's are recorded under our own key (the original ignores unknown keys and takes
-    # sizes from timm's ids; a reader of this file and our loader need them).
+    # ViT sizes other than the release's go under our own key, for our loader (the original takes sizes from timm ids)
     overrides = {tid.split(".")[0]: {"embed_dim": v.embed_dim, "depth": v.depth, "num_heads": v.num_heads}
                  for tid, v, (release, _) in zip(timm_ids, cfg.vision, views)
                  if (v.embed_dim, v.depth, v.num_heads) != (release.embed_dim, release.depth, release.num_heads)}
-    if overrides:
-        out["timm_overrides"] = overrides
-    return out
+    return out | ({"timm_overrides": overrides} if overrides else {})
 
 
 def hf_preprocessor_config(cfg: VLAConfig) -> dict:
@@ -289,10 +266,6 @@ def hf_preprocessor_config(cfg: VLAConfig) -> dict:
         "tvf_resize_params": [{"antialias": True, "interpolation": 3, "max_size": None, "size": [size, size]}] * n,
         "use_fused_vision_backbone": n == 2,
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer files
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -316,12 +289,9 @@ def load_text_tokenizer(path) -> TextTokenizer:
 
 
 def save_text_tokenizer(tokenizer, out_dir: Path, source_dir=None):
-    """Write the tokenizer files of a checkpoint directory in the release's format.
-
-    A tokenizer loaded from a checkpoint is copied file by file (byte-identical round trip). A locally built one is
-    written as tokenizer.json plus a tokenizer_config.json naming LlamaTokenizer, which transformers 4.40.1 (the
-    original's pin) reads as LlamaTokenizerFast; transformers 5's own save would name a class 4.40.1 lacks.
-    """
+    """The tokenizer files in the release's format: source_dir's copied byte for byte, else tokenizer.json and a
+    tokenizer_config.json naming LlamaTokenizer, which transformers 4.40.1 (the original's pin) reads as
+    LlamaTokenizerFast; transformers 5's own save would name a class 4.40.1 lacks."""
     if source_dir is not None:
         for name in TOKENIZER_FILES:
             if (Path(source_dir) / name).exists():
@@ -341,10 +311,6 @@ def save_text_tokenizer(tokenizer, out_dir: Path, source_dir=None):
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     special_map = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": PAD_TOKEN, "unk_token": "<unk>"}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Whole directories
 
 
 def save_pretrained(vla: VLA, path: Path, max_shard_bytes: int):
@@ -369,21 +335,19 @@ def save_pretrained(vla: VLA, path: Path, max_shard_bytes: int):
     dump("dataset_statistics.json", vla.config.norm_stats)
     save_text_tokenizer(vla.tokenizer, tmp, getattr(vla, "tokenizer_dir", None))
     oft.save_heads(vla, tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
+    if old:
         path.rename(old)
-        tmp.rename(path)
+    tmp.rename(path)
+    if old:
         shutil.rmtree(old)
-    else:
-        tmp.rename(path)
 
 
 def build_from_components(config: VLAConfig, vision_states: list[dict], llama_dir, dtype=torch.bfloat16, device="cpu"):
     """The untrained VLA of OpenVLA's recipe: pretrained ViTs (timm state dicts, in backbone order) + a Llama-2 HF
-    directory + a freshly initialized projector. Our names mirror timm's and transformers', so this is a prefix
-    mapping plus two details: timm's LayerScale `gamma` is our `scale_factor`, and the 32000-row Llama-2 embeddings
-    are padded to 32064 rows (<PAD> + multiple of 64; new rows ~ N(0, 0.02), as transformers' resize_token_embeddings
-    did)."""
+    directory + a freshly initialized projector. Our names mirror timm's and transformers', so this is a prefix mapping
+    plus two details: timm's LayerScale `gamma` is our `scale_factor`, and the 32000-row Llama-2 embeddings are padded
+    to 32064 rows (<PAD> + multiple of 64; new rows ~ N(0, 0.02), as transformers' resize_token_embeddings did)."""
     llama_dir = Path(llama_dir)
     llama_cfg = read_json(llama_dir / "config.json") if (llama_dir / "config.json").exists() else {}
     # Training used Llama-2's own config (rms_norm_eps 1e-5); the released HF model runs 1e-6 (its config.json).
@@ -408,8 +372,7 @@ def build_from_components(config: VLAConfig, vision_states: list[dict], llama_di
                 raise CheckpointError(f"{headers[key][0]}: {key} is not a Llama-2 weight this model has")
             state[ours][: value.shape[0]].copy_(value)  # embed_tokens / lm_head: the first 32000 of 32064 rows
             loaded.add(ours)
-    missing = [k for k in state if k not in loaded and not k.startswith("projector.")]
-    if missing:
+    if missing := [k for k in state if k not in loaded and not k.startswith("projector.")]:
         raise CheckpointError(f"pretrained components lack {len(missing)} weights, e.g. {missing[:5]}")
     vla.tokenizer, vla.tokenizer_dir = load_text_tokenizer(llama_dir), llama_dir
     return vla

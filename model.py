@@ -9,7 +9,8 @@
 
 Module and parameter names mirror the released checkpoint (`vision_backbone.featurizer.blocks.0.attn.qkv.weight`,
 `projector.fc1.weight`, `language_model.model.layers.0.self_attn.q_proj.weight`, ...), so loading is a strict
-state-dict load with no rename table. Shapes in comments are for openvla-7b: P = 256 patches, D = 4096.
+state-dict load with no rename table. The ViTs compute as timm 0.9.10's VisionTransformer, the decoder as
+transformers 4.40.1's LlamaForCausalLM. Shapes in comments are for openvla-7b: P = 256 patches, D = 4096.
 """
 
 from dataclasses import dataclass, field, replace
@@ -26,9 +27,6 @@ from tokenizer import (
     IGNORE_INDEX, ActionTokenizer, action_dim, build_prompt, build_text_tokenizer, empty_piece_id, resolve_unnorm_key,
     unnormalize_actions,
 )
-
-# ----------------------------------------------------------------------------------------------------------------
-# Configs: plain dataclasses and one dict of named sizes
 
 
 @dataclass
@@ -109,9 +107,6 @@ CONFIGS = {
                     LlamaConfig(32064, 64, 172, 2, 4)),
 }
 
-# ----------------------------------------------------------------------------------------------------------------
-# Vision: timm-style ViT blocks (timm 0.9.10 VisionTransformer), written out
-
 
 def run_block(block, *args):
     """Run a ViT block or decoder layer; with block.checkpointing set (train.py), keep only its input for backward and
@@ -181,10 +176,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class AttentionPoolHead(nn.Module):
-    """SigLIP's attention-pool ("map") head. OpenVLA never runs it, but the release stores its weights and a faithful
-    save keeps them, so only its parameters are declared here."""
-
+class AttentionPoolHead(nn.Module):  # SigLIP's "map" head: OpenVLA never runs it; declared so a save keeps its weights
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         D = cfg.embed_dim
@@ -238,21 +230,15 @@ class Projector(nn.Module):
 
     def __init__(self, vision_dim, llm_dim, fused):
         super().__init__()
+        hidden = 4 * vision_dim if fused else llm_dim
+        self.fc1 = nn.Linear(vision_dim, hidden)
+        self.fc2 = nn.Linear(hidden, llm_dim)
         if fused:
-            self.fc1 = nn.Linear(vision_dim, 4 * vision_dim)
-            self.fc2 = nn.Linear(4 * vision_dim, llm_dim)
             self.fc3 = nn.Linear(llm_dim, llm_dim)
-        else:
-            self.fc1 = nn.Linear(vision_dim, llm_dim)
-            self.fc2 = nn.Linear(llm_dim, llm_dim)
 
     def forward(self, x):  # (B, P, 2176) -> (B, P, 4096)
         x = self.fc2(F.gelu(self.fc1(x)))
         return self.fc3(F.gelu(x)) if hasattr(self, "fc3") else x
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Language model: Llama-2 decoder (transformers 4.40.1 LlamaForCausalLM semantics), written out
 
 
 class RMSNorm(nn.Module):
@@ -371,10 +357,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed_tokens
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The VLA
-
-
 def to_pixel_values(image: np.ndarray, image_norm) -> torch.Tensor:
     """uint8 (S, S, 3) -> float32 (3 * views, S, S): to_tensor (/ 255), then (x - mean) / std with each view's
     constants, in float32 as torchvision's Normalize (prismatic/models/backbones/vision/base_vision.py). data.py
@@ -432,8 +414,6 @@ class VLA(nn.Module):
     def num_patches(self):  # P: 256 for 224 x 224 images in 14 x 14 patches
         return self.vision_backbone.featurizer.pos_embed.shape[1]
 
-    # -- training forward ---------------------------------------------------------------------------------------
-
     def embed(self, pixel_values, input_ids):
         """[BOS, 256 projected patches, rest of the text], as prismatic/models/vlms/prismatic.py orders them."""
         patches = self.projector(self.vision_backbone(pixel_values.to(self.projector.fc1.weight.dtype)))  # (B, P, D)
@@ -441,13 +421,11 @@ class VLA(nn.Module):
         return torch.cat([tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:]], dim=1)
 
     def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, proprio=None, actions=None):
-        """Right-padded batch -> VLAOutput(logits, loss); an OFT model with labels: (chunks, L1 loss) (oft.forward).
-
-        Without labels: logits (B, P + T, V) at every position of [BOS, patches, text]. With labels (training):
-        logits (N, V) only where the next token is supervised, in the order of labels[:, 1:][labels[:, 1:] != -100],
-        and their mean cross-entropy: the original's loss (patches and prompt are never supervised), without the
-        lm_head and logits memory for the ~330 positions of a 7-dim action example that the loss ignores.
-        """
+        """Right-padded batch -> logits and loss. Without labels: logits (B, P + T, V) at every position of [BOS,
+        patches, text]. With labels (training): logits (N, V) only where the next token is supervised, in the order of
+        labels[:, 1:][labels[:, 1:] != -100], and their mean cross-entropy: the original's loss (patches and prompt are
+        never supervised), without the lm_head and logits of the ~330 positions of a 7-dim action example.
+        An OFT model with labels: its chunks (B, chunk, action_dim) and their L1 loss against actions."""
         if self.action_head is not None and labels is not None:  # vla-scripts/finetune.py's run_forward_pass
             is_action = labels > self.action_tokenizer.begin_idx
             chunks = oft.forward(self, pixel_values, input_ids, attention_mask, is_action,
@@ -468,8 +446,6 @@ class VLA(nn.Module):
         logits = self.language_model.lm_head(hidden[:, P:-1][keep]).float()  # fp32 for the loss, as the original
         # one mean over every supervised token of the batch (not per example), as transformers' Llama loss
         return VLAOutput(logits, F.cross_entropy(logits, labels[:, 1:][keep]))
-
-    # -- inference ------------------------------------------------------------------------------------------------
 
     def preprocess(self, images) -> torch.Tensor:
         """Images (HxWx3 uint8 arrays or PIL images, any size) -> pixel_values (B, 3 * views, S, S) float32, as the
@@ -497,10 +473,9 @@ class VLA(nn.Module):
 
     @torch.inference_mode()
     def generate(self, pixel_values, prompts: list[list[int]], max_new_tokens: int):
-        """Greedy KV-cached decoding for B prompts of any lengths in one batch -> (B, max_new_tokens) token ids. Rows
-        are left-padded *after* the multimodal embedding ([pad.., BOS, patches, text]) so every row's next token lands
-        in the same column; positions restart at 0 on each row's BOS and padded keys are masked: each row equals its
-        one-by-one result."""
+        """Greedy KV-cached decoding of B prompts of any lengths in one batch -> (B, max_new_tokens) ids. Rows are
+        left-padded *after* the multimodal embedding ([pad.., BOS, patches, text]) so every row's next token lands in
+        one column; positions restart at 0 on each BOS, padded keys are masked: each row equals its unbatched result."""
         device = self.projector.fc1.weight.device
         B, lengths, T = len(prompts), [len(p) for p in prompts], max(len(p) for p in prompts)
         ids = torch.tensor([p + [self.config.pad_token_id] * (T - len(p)) for p in prompts], device=device)
@@ -529,12 +504,10 @@ class VLA(nn.Module):
         return torch.stack(out, dim=1).cpu()
 
     def predict_actions(self, images, instructions, unnorm_key=None, proprio=None, center_crop=True) -> np.ndarray:
-        """B images and instructions -> (B, action_dim) un-normalized actions, float64, in one batched forward.
-
-        unnorm_key: one key for all rows, or a list with one key per row. An OFT model (action_head set) returns
-        (B, chunk, action_dim) from one bidirectional pass instead: each image may be a list of cameras (third-person,
-        then wrist), proprio holds B raw robot states, center_crop as OFT's eval flag (oft.predict_chunks).
-        """
+        """B images and instructions -> (B, action_dim) un-normalized actions, float64, in one batched forward;
+        unnorm_key: one key for all rows, or a list with one per row. An OFT model (action_head set) returns (B, chunk,
+        action_dim) from one bidirectional pass instead: each image may be a list of cameras (third-person, then wrist),
+        proprio holds B raw robot states, center_crop as OFT's eval flag (oft.predict_chunks)."""
         if len(images) != len(instructions) or not images:
             raise ValueError(f"got {len(images)} images and {len(instructions)} instructions; need as many, >= 1")
         keys = unnorm_key if isinstance(unnorm_key, (list, tuple)) else [unnorm_key] * len(images)
@@ -554,8 +527,6 @@ class VLA(nn.Module):
         """One image + instruction -> (action_dim,) action, as the original's predict_action(do_sample=False);
         an OFT model: image(s) [+ proprio] -> the (chunk, action_dim) chunk, as OFT's get_vla_action."""
         return self.predict_actions([image], [instruction], unnorm_key, None if proprio is None else [proprio])[0]
-
-    # -- building, loading, saving -------------------------------------------------------------------------------
 
     @classmethod
     def build(cls, name_or_config="tiny", dtype=torch.float32, device="cpu", seed=0):

@@ -75,10 +75,7 @@ ROUTES = {"/": ("GET", "HEAD"), "/health": ("GET", "HEAD"), "/act": ("POST",)}
 RETRY = {"Retry-After": "1"}
 
 
-# ---- request parsing: bytes -> (image, instruction, unnorm_key, form, state); every failure here is a 400 ----------
-
-
-def bad(error: str, expected: str = REQUEST_SHAPE) -> HTTPError:
+def bad(error: str, expected: str = REQUEST_SHAPE) -> HTTPError:  # every failure of request parsing is a 400
     return HTTPError(400, error, expected)
 
 
@@ -141,7 +138,7 @@ def decode_image(value, max_pixels: int) -> tuple[np.ndarray, str]:
 
 
 def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
-    """POST /act body -> (image, instruction, unnorm_key, form) with every field checked."""
+    """POST /act body -> (image, instruction, unnorm_key, form, state) with every field checked."""
     if (n := body.count(b",")) > 3 * config.max_list_pixels + 64:  # counted before parsing: each list item costs
         raise bad(f"body holds {n} JSON items", f"nested-list images of <= {config.max_list_pixels} px; json_numpy")
     payload = load_json(body, "body")
@@ -188,11 +185,8 @@ def encode_action(action: np.ndarray, form: str) -> bytes:
     return json.dumps(json_numpy.dumps(a)).encode() if form == "encoded" else json_numpy.dumps(a).encode()
 
 
-# ---- the server: HTTP request threads parse and hand jobs to one model worker thread, which batches them ----------
-
-
 @dataclass(eq=False)
-class Job:
+class Job:  # a parsed /act request: its HTTP thread hands it to the one model worker, which batches jobs
     image: np.ndarray
     instruction: str
     unnorm_key: str
