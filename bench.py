@@ -135,6 +135,27 @@ def bench_batch(name, vla, reps, batch=8):
            batch / sequential)
 
 
+def bench_oft(name, vla, reps, batch):
+    """OFT's chunk of 8 from one bidirectional forward (action head + proprio token, the same weights otherwise) vs
+    OpenVLA's 7 autoregressive tokens per action: actions/s of predict_actions at this batch."""
+    import oft
+
+    rng, D, key = np.random.default_rng(2), vla.config.llm.hidden_size, sorted(vla.norm_stats)[0]
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
+    texts, states = ["pick up the cup"] * batch, [np.zeros(7)] * batch  # the fixture's stats: 7-dim proprio
+    dtype, device = next(vla.parameters()).dtype, next(vla.parameters()).device
+    heads = [oft.L1RegressionActionHead(D, D, 7), oft.ProprioProjector(D, 7)]
+    heads = [h.to(device=device, dtype=dtype).eval() for h in heads]
+
+    def run(use_heads):
+        vla.action_head, vla.proprio_projector = heads if use_heads else (None, None)
+        return vla.predict_actions(images, texts, key, states if use_heads else None)
+    tokens, chunks = timeit_pair(lambda: run(False), lambda: run(True), reps)
+    run(False)  # the model as it came
+    report(f"{name}: OFT actions/s at batch {batch}", batch * oft.CHUNK / chunks, "act/s", "autoregressive",
+           batch / tokens)
+
+
 # A fresh process (after `import torch`) times one load, imports it triggers included, and reports its peak-RSS growth
 # (VmHWM, not getrusage: Linux carries ru_maxrss across fork + exec, so a child would report the parent's peak).
 LOAD_PROBE = """
@@ -179,6 +200,7 @@ def infer(config: InferConfig):
     bench_predict("tiny fp32", tiny, config.reps, config.device)
     bench_predict("tiny fp32", tiny, config.reps, config.device, frame=(480, 640))  # the fixture's camera-sized case 2
     bench_batch("tiny fp32", tiny, config.reps)
+    bench_oft("tiny fp32", tiny, config.reps, 1)
     if not config.skip_mid:
         reps = max(1, config.reps // 3)
         for dtype in (torch.float32, torch.bfloat16):
@@ -189,6 +211,8 @@ def infer(config: InferConfig):
             bench_predict(tag, mid, reps, config.device)
             if dtype == torch.float32:
                 bench_batch(tag, mid, 1)
+                bench_oft(tag, mid, reps, 1)
+                bench_oft(tag, mid, 1, 8)
             del mid
     if not config.skip_memory:
         # ~0.54B parameters in bf16 = ~1.07 GB: tiny ViTs, an 8-layer 2048-wide Llama
@@ -410,11 +434,13 @@ def mid_train_config():
     return replace(mid, vision=[replace(v, depth=6) for v in mid.vision], llm=replace(mid.llm, num_hidden_layers=4))
 
 
-def train_probe(model: str, batch: int, steps: int, checkpointing: bool, lora: bool):
+def train_probe(model: str, batch: int, steps: int, checkpointing: bool, lora: bool, head: bool = False):
     """One setting in a fresh process (peak memory is per process): train.py's FSDP2 + bf16 step, or finetune.py's
     (bf16 base, r=32 adapters, no clipping), on a synthetic demo-shaped batch: 82 text tokens, the last 8 supervised
-    (7 actions + EOS). Prints {samples_per_s, peak_gb, params, trained}."""
+    (7 actions + EOS); head: OFT's instead (L1 head, proprio token, a chunk of 8 x 7 action tokens + EOS).
+    Prints {samples_per_s, peak_gb, params, trained}."""
     import finetune
+    import oft
     import train
     from model import CONFIGS, VLA
 
@@ -426,17 +452,21 @@ def train_probe(model: str, batch: int, steps: int, checkpointing: bool, lora: b
         p.requires_grad_(not lora and name not in unused)
     if lora:
         finetune.add_lora(vla.to(torch.bfloat16), 32, 16.0, 0.0)
+    added = oft.add_heads(vla, oft.CHUNK, 7, 8, seed=0) if head else {}
     train.shard(vla, train.init_device_mesh(device.type, (world,)), bf16=True, checkpointing=checkpointing)
-    train.materialize(vla, device, train.random_init(seed=0))
+    train.materialize(vla, device, lambda i, name, *rest: added.get(name, train.random_init(seed=0))(i, name, *rest))
     params = [p for p in vla.parameters() if p.requires_grad]
     opt, g, V = torch.optim.AdamW(params, lr=1e-5), torch.Generator().manual_seed(0), vla.config.llm.vocab_size
     pixel_values = torch.randn(batch, 6, 224, 224, generator=g).to(device)
-    input_ids = torch.randint(259, 31000, (batch, 82), generator=g).to(device)
+    n = oft.CHUNK * 7 + 1 if head else 8
+    input_ids = torch.randint(259, 31000, (batch, 74 + n), generator=g).to(device)
     labels = torch.full_like(input_ids, -100)
-    labels[:, -8:] = input_ids[:, -8:] = torch.randint(V - 64 - 256, V - 64, (batch, 8), generator=g).to(device)
+    labels[:, -n:] = input_ids[:, -n:] = torch.randint(V - 64 - 256, V - 64, (batch, n), generator=g).to(device)
+    labels[:, -1] = input_ids[:, -1] = 2  # EOS
+    proprio, actions = torch.randn(batch, 8, generator=g).to(device), torch.randn(batch, oft.CHUNK, 7).to(device)
 
     def step():
-        vla(pixel_values, input_ids, None, labels).loss.backward()
+        vla(pixel_values, input_ids, torch.ones_like(input_ids), labels, proprio, actions).loss.backward()
         torch.nn.utils.clip_grad_norm_(params, math.inf if lora else 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -450,10 +480,10 @@ def train_probe(model: str, batch: int, steps: int, checkpointing: bool, lora: b
 
 
 def run_probes(model, batch, steps, settings) -> list[dict] | None:
-    """bench.train_probe(model, batch, steps, checkpointing, lora) per setting, each in a fresh process."""
+    """bench.train_probe(model, batch, steps, checkpointing, lora, head) per setting, each in a fresh process."""
     runs = []
-    for checkpointing, lora in settings:
-        call = f"import bench; bench.train_probe({model!r}, {batch}, {steps}, {checkpointing}, {lora})"
+    for setting in settings:
+        call = f"import bench; bench.train_probe({model!r}, {batch}, {steps}, *{setting})"
         out = subprocess.run([sys.executable, "-c", call], cwd=ROOT, capture_output=True, text=True)
         if out.returncode:
             return print(out.stderr[-3000:])
@@ -474,14 +504,19 @@ def train_bench(config: TrainBenchConfig):
 
 
 def finetune_bench(config: TrainBenchConfig):
-    """LoRA vs full fine-tuning of the same model (both with activation checkpointing): step time and peak memory."""
+    """LoRA vs full fine-tuning of the same model (both with activation checkpointing), and LoRA + OFT's L1 head vs
+    LoRA alone: step time and peak memory."""
     print(f"bench finetune on {machine()}")
-    if runs := run_probes(config.model, config.batch, config.steps, [(True, True), (True, False)]):
-        (lora, full), name = runs, f"{config.model} batch {config.batch}"
+    if runs := run_probes(config.model, config.batch, config.steps, [(True, True), (True, False), (True, True, True)]):
+        (lora, full, head), name = runs, f"{config.model} batch {config.batch}"
         name += f" (LoRA trains {lora['trained'] / 1e6:.1f}M, full {full['trained'] / 1e6:.0f}M)"
         report(f"{name}: peak memory, LoRA", lora["peak_gb"], "GB", "full fine-tuning", full["peak_gb"])
         report(f"{name}: samples/s, LoRA", lora["samples_per_s"], "samples/s", "full fine-tuning",
                full["samples_per_s"])
+        name = f"{config.model} batch {config.batch} (LoRA + OFT heads train {head['trained'] / 1e6:.1f}M)"
+        report(f"{name}: peak memory, LoRA + L1 head", head["peak_gb"], "GB", "LoRA alone", lora["peak_gb"])
+        report(f"{name}: samples/s, LoRA + L1 head", head["samples_per_s"], "samples/s", "LoRA alone",
+               lora["samples_per_s"])
 
 
 if __name__ == "__main__":
