@@ -235,10 +235,8 @@ def compute_statistics(builder, name: str, proprio: bool = False) -> dict:
     # split by split, as the original's "all" (float32 sums agree bit for bit); a progress bar on terminals only
     episodes = itertools.chain.from_iterable(read_episodes(builder, name, split) for split in builder.info.splits)
     episodes = tqdm(episodes, total=n_episodes, desc=f"statistics of {name} (once)", unit="episode", disable=None)
-    actions, states = [], []  # not the episodes: their images would fill memory
-    for _, ep in episodes:
-        actions.append(ep["action"])
-        states.append(ep["proprio"])
+    columns = [(ep["action"], ep["proprio"]) for _, ep in episodes]  # not the episodes: their images fill memory
+    actions, states = [a for a, _ in columns], [p for _, p in columns]
     if not actions or not sum(len(a) for a in actions):
         raise DataError(f"{name}: {builder.data_dir} holds no steps after standardization; nothing to train on")
     a = np.concatenate(actions)  # float32 (N, 7)
@@ -280,10 +278,8 @@ def dataset_statistics(builder, name: str, proprio: bool = False) -> dict:
 
 
 def load_norm_stats(data_root, data_mix: str, proprio: bool = False) -> dict:
-    """{dataset: statistics + action mask} of a mixture: what checkpoints carry as norm_stats (proprio: the real
-    state's statistics, as OFT computes them; else OpenVLA's zeros)."""
-    stats = {name: dataset_statistics(open_dataset(data_root, name), name, proprio)
-             for name, _ in resolve_mixture(data_mix)}
+    """{dataset: statistics + action mask} of a mixture, as checkpoints carry them (proprio: the state's, for OFT)."""
+    stats = {n: dataset_statistics(open_dataset(data_root, n), n, proprio) for n, _ in resolve_mixture(data_mix)}
     return {name: {**s, "action": {**s["action"], "mask": ACTION_MASK}} for name, s in stats.items()}
 
 
@@ -377,10 +373,10 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self.builders = [open_dataset(data_root, name) for name in self.names]
         self.norm_stats = load_norm_stats(data_root, data_mix, proprio)
         self.chunk, self.wrist, self.proprio = chunk, wrist, proprio
-        for name in self.names if wrist or proprio else ():
-            if (wrist and not DATASETS[name].wrist) or (proprio and not DATASETS[name].proprio):
-                raise DataError(f"{name}: its layout (oxe.DATASETS) has no {'wrist camera' if wrist else 'proprio'}; "
-                                "train without it, or add it to the dataset's Layout")
+        for name in self.names:
+            missing = [k for k, on in (("wrist", wrist), ("proprio", proprio)) if on and not getattr(DATASETS[name], k)]
+            if missing:
+                raise DataError(f"{name}: its oxe.Layout has no {' and no '.join(missing)}; train without, or add it")
         self.tokenizer, self.action_tokenizer = tokenizer, ActionTokenizer(tokenizer.vocab_size)
         self._prompts = LockedTokenizer(tokenizer)
         self.image_size, self.image_norm, self.train = image_size, image_norm, train
@@ -420,8 +416,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
                             f"episodes for rank {self.rank} of {self.world}")
 
     def _frames(self, i: int):
-        """(i, images' bytes, instruction bytes, normalized action (chunk), proprio, where) of the frames `keep`
-        passes."""
+        """(i, [camera bytes], instruction bytes, normalized action or chunk, proprio, where) of frames keep passes."""
         stats, keep = self.norm_stats[self.names[i]], DATASETS[self.names[i]].keep
         short = 0  # episodes in a row too short for one chunk: a whole split of them would loop forever
         for where, ep in self._episodes(i):
@@ -431,10 +426,10 @@ class RLDSDataset(torch.utils.data.IterableDataset):
             action = normalize_actions(ep["action"], stats["action"]).astype(np.float32)  # gripper passes through
             proprio = normalize_actions(ep["proprio"], stats["proprio"]) if self.proprio else ep["proprio"]
             cameras = (ep["image"], ep["wrist_image"]) if self.wrist else (ep["image"],)
-            for t in np.flatnonzero(keep(action)) if keep else range(len(action)):
-                if t + self.chunk <= len(action):
-                    chunk = action[t] if self.chunk == 1 else action[t:t + self.chunk]
-                    yield i, [c[t] for c in cameras], ep["instruction"][t], chunk, proprio[t], where
+            steps = np.flatnonzero(keep(action)) if keep else np.arange(len(action))
+            for t in steps[steps + self.chunk <= len(action)]:
+                chunk = action[t] if self.chunk == 1 else action[t:t + self.chunk]
+                yield i, [c[t] for c in cameras], ep["instruction"][t], chunk, proprio[t], where
 
     def _stream(self, rng):
         """Encoded frames in training order with their augmentation seeds: everything random happens here."""
@@ -486,17 +481,15 @@ class RLDSDataset(torch.utils.data.IterableDataset):
 
     def _decode_frame(self, frame: tuple, seed) -> dict:
         i, cameras, instruction, action, proprio, where = frame
-        images = []
-        for image_bytes in cameras:
-            try:
-                if not len(image_bytes):
-                    images.append(np.zeros((self.image_size, self.image_size, 3), np.uint8))  # padding, as original
-                elif self.train and self.image_aug:
-                    images.append(self._augment(image_bytes, seed).numpy())  # the same crop and jitter on each camera
-                else:
-                    images.append(self._decode(image_bytes).numpy())
-            except tf.errors.InvalidArgumentError as e:
-                raise DataError(f"{where}: cannot decode an image: {e.message.splitlines()[0]}") from None
+        def decode(image_bytes):  # with augmentation: the same crop and jitter on each camera
+            if not len(image_bytes):
+                return np.zeros((self.image_size, self.image_size, 3), np.uint8)  # a padding camera, as the original
+            aug = self.train and self.image_aug
+            return (self._augment(image_bytes, seed) if aug else self._decode(image_bytes)).numpy()
+        try:
+            images = [decode(image_bytes) for image_bytes in cameras]
+        except tf.errors.InvalidArgumentError as e:
+            raise DataError(f"{where}: cannot decode an image: {e.message.splitlines()[0]}") from None
         return {"image": images[0], "action": action, "proprio": proprio, "instruction": instruction.decode(),
                 "dataset_name": self.names[i], **({"wrist_image": images[1]} if self.wrist else {})}
 

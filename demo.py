@@ -122,8 +122,7 @@ def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size
 
 
 def demo_success_rate(policy, episodes: int = 50, seed: int = 1234, image_size: int = 224, mirrored=False) -> float:
-    """Closed-loop success of policy(image uint8 (S, S, 3), instruction, state) -> a 7-dim unnormalized action, or a
-    chunk of them (chunk, 7), executed in order before the policy is asked again (OFT's open-loop chunks)."""
+    """Closed-loop success of policy(image, instruction, state) -> a 7-dim action, or a chunk (K, 7) run in order."""
     env, successes = DemoEnv(image_size, seed, mirrored), 0
     for _ in range(episodes):
         (image, instruction), actions = env.reset(), []

@@ -79,9 +79,7 @@ class ProprioProjector(nn.Module):
         return self.fc2(self.act_fn1(self.fc1(proprio)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # The heads' files: torch.load(weights_only=True) only, so a .pt can never run code
-
 
 def head_file(path: Path, name: str) -> Path | None:
     files = sorted(path.glob(f"{name}--*_checkpoint.pt"))
@@ -145,9 +143,7 @@ def _error(message):
     return CheckpointError(message)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Inputs as the OFT eval prepares them (experiments/robot/openvla_utils.py)
-
 
 def prepare_image(image: np.ndarray, center_crop: bool = True) -> np.ndarray:
     """Camera frame -> the uint8 224x224 image the processor receives, with TF's ops as the original (bit-exact).
@@ -187,9 +183,7 @@ def unnormalize_chunk(normalized, stats: dict) -> np.ndarray:
     return np.where(mask, 0.5 * (normalized + 1) * (high - low + 1e-8) + low, normalized).astype(np.float64)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # The forward: one pass, bidirectional, hidden states read just before each placeholder
-
 
 def embed(vla, pixel_values, input_ids, action_mask, proprio=None):
     """(B, 6 * n_images, S, S), (B, T) right-padded ids, (B, T) bool action positions, (B, p) normalized state or None
@@ -257,8 +251,7 @@ def add_heads(vla, chunk: int, action_dim: int, proprio_dim: int, seed: int) -> 
     heads = {"action_head": L1RegressionActionHead(D, D, action_dim, chunk)}
     if proprio_dim:
         heads["proprio_projector"] = ProprioProjector(D, proprio_dim)
-    full = {}
+    full = {f"{name}.{k}": v for name, module in heads.items() for k, v in module.state_dict().items()}
     for name, module in heads.items():
-        full.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         setattr(vla, name, module.to("meta"))
     return {name: lambda i, name, shape, rows: full[name][rows[0]:rows[1]] for name in full}

@@ -93,9 +93,7 @@ def action_dim(norm_stats: dict, unnorm_key: str) -> int:
     return len(norm_stats[unnorm_key]["action"]["q01"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # Text tokenizer
-
 
 class TextTokenizer:
     """The Llama-2 tokenizer as the `tokenizers` library runs it from tokenizer.json, with the few names of

@@ -235,6 +235,9 @@ def random_init(seed: int):
     return read_rows
 
 
+BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "proprio", "actions")  # VLA.forward's inputs
+
+
 @torch.no_grad()
 def action_metrics(out, batch, begin_idx: int, decode) -> torch.Tensor:
     """The original's metrics (prismatic/training/strategies/base_strategy.py) as device-side sums: [loss, correct
@@ -352,10 +355,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
         if is_main:
             demo.make_demo(config.data_root)  # once
         dist.barrier()
-    dataset = data.RLDSDataset(config.data_root, config.data_mix, tokenizer, train=True, image_aug=config.image_aug,
-                               image_size=model_config.vision[0].image_size, image_norm=model_config.image_norm,
-                               shuffle_buffer_size=config.shuffle_buffer_size, seed=config.seed, rank=rank, world=world,
-                               chunk=config.chunk if l1 else 1, wrist=config.wrist, proprio=l1 and config.proprio)
+    dataset = open_data(config, tokenizer, model_config, train=True, rank=rank, world=world)
     dims = {k: action_dim(model_config.norm_stats, k) for k in model_config.norm_stats}
     for name in dataset.norm_stats if headers and dims else ():  # one token per action dimension: the head's layout
         if (new := action_dim(dataset.norm_stats, name)) not in dims.values():
@@ -374,9 +374,8 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     added = adapt(vla) if adapt else {}
     if l1:  # OFT: a new action head (and proprio projector), trained in full beside the VLA (or its adapters)
         widths = {len(s["proprio"]["mean"]) for s in dataset.norm_stats.values()} if config.proprio else {0}
-        if len(widths) != 1:
-            raise data.DataError(f"the mixture's datasets have proprio states of different widths {sorted(widths)}; "
-                                 "one proprio projector needs one width (or pass --config.proprio False)")
+        if len(widths) != 1:  # one projector reads one width
+            raise data.DataError(f"the mixture's proprio widths differ {sorted(widths)}; try --config.proprio False")
         added.update(oft.add_heads(vla, config.chunk, data.ACTION_DIM, widths.pop(), config.seed))
     group = config.shard_group_size or world
     # 1-d mesh: FSDP over every rank. 2-d (replicate, shard): parameters and optimizer state are sharded within a
@@ -445,8 +444,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             # reduce-scatter after the last micro-batch only; until then FSDP sums each block's unsharded fp32 grad
             vla.set_requires_gradient_sync(micro == accumulation - 1)
             # with labels, out.logits is (N, V): only the N supervised positions
-            out = vla(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"],
-                      batch.get("proprio"), batch.get("actions"))  # an OFT model: chunks and their L1 loss
+            out = vla(*(batch.get(k) for k in BATCH_KEYS))  # an OFT model: chunks and their L1 loss
             # .grad sums micro-batches and FSDP averages ranks: loss / A makes the step's gradient one global batch's
             (out.loss / accumulation).backward()
             window += action_metrics(out, batch, vla.action_tokenizer.begin_idx, decode)
@@ -497,6 +495,8 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
         key = f" --config.unnorm-key {config.data_mix}" if len(norm_stats) > 1 and config.data_mix in norm_stats else ""
         print(f"exported {path}; serve it with: python serve.py --config.checkpoint {path}{key}")
         if config.data_mix == "nanovla_demo" and config.eval_episodes:
+            result["heldout"] = heldout(path, config)
+            print("held-out (validation split): " + ", ".join(f"{k} {v:.4f}" for k, v in result["heldout"].items()))
             result["success_rate"], speed = demo_success(path, config.eval_episodes)
             print(f"closed-loop success {result['success_rate']:.0%} over {config.eval_episodes} demo episodes, "
                   f"{speed:.1f} actions/s")
@@ -509,6 +509,27 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             wandb.finish()
     dist.barrier()
     return result
+
+
+def open_data(config: TrainConfig, tokenizer, model_config, train: bool, rank: int = 0, world: int = 1):
+    """The run's data stream (train), or one pass over its validation split."""
+    l1 = config.action_head == "l1"
+    return data.RLDSDataset(config.data_root, config.data_mix, tokenizer, model_config.vision[0].image_size,
+                            model_config.image_norm, train=train, image_aug=config.image_aug, seed=config.seed,
+                            shuffle_buffer_size=config.shuffle_buffer_size if train else 0, rank=rank, world=world,
+                            chunk=config.chunk if l1 else 1, wrist=config.wrist, proprio=l1 and config.proprio)
+
+
+@torch.no_grad()
+def heldout(path: Path, config: TrainConfig) -> dict:
+    """The export on its data's validation split, measured as training logs it: action accuracy (tokens) and L1."""
+    vla = VLA.from_pretrained(path, dtype=torch.float32)
+    decode = torch.tensor(vla.action_tokenizer.decode(np.arange(vla.config.llm.vocab_size)), dtype=torch.float32)
+    s = sum(action_metrics(vla(*(b.get(k) for k in BATCH_KEYS)), b, vla.action_tokenizer.begin_idx, decode)
+            for b in torch.utils.data.DataLoader(open_data(config, vla.tokenizer, vla.config, False), 32,
+                                                 collate_fn=data.collate))
+    metrics = {"action_accuracy": float(s[1] / s[2]), "l1_loss": float(s[3] / s[2])}
+    return metrics if vla.action_head is None else {"l1_loss": metrics["l1_loss"]}
 
 
 def demo_success(path: Path, episodes: int, mirrored: bool = False) -> tuple[float, float]:
