@@ -42,18 +42,18 @@ class LoRAConfig:
     """linear layers adapted: every one that runs (the original's), the Llama's + lm_head, or attention's only"""
 
 
-# None fields take these, then train.py's: the original's recipe (vla-scripts/finetune.py) for your checkpoint; for
-# checkpoints/demo a few hundred steps that teach the demo policy a mirrored camera (python finetune.py, minutes).
+# None fields take these, then train.py's openvla-7b recipe's (constant lr); "original" is vla-scripts/finetune.py's
 RECIPES = {
     "original": dict(per_device_batch_size=16, learning_rate=5e-4, max_steps=200_000, save_every=5000, image_aug=True,
                      shuffle_buffer_size=100_000, activation_checkpointing=True, bf16=True),
-    "demo": dict(per_device_batch_size=16, learning_rate=2e-3, max_steps=300, save_every=100, image_aug=False,
-                 shuffle_buffer_size=10_000, activation_checkpointing=False, bf16=False, chunk=2),  # CPU: fp32
+    "demo": dict(per_device_batch_size=8, learning_rate=3e-3, schedule="warmup+cosine", warmup_ratio=0.03,
+                 max_steps=600, save_every=200, image_aug=False, shuffle_buffer_size=10_000, chunk=2,
+                 activation_checkpointing=False, bf16=False),  # CPU: fp32; a mirrored camera in minutes (README)
 }
 DEMO = Path("checkpoints/demo")  # what python train.py exports
-# train.py's config with fine-tuning's constants: constant lr, AdamW's default decay, no clipping
+# train.py's config with fine-tuning's constants: AdamW's default decay, no clipping
 FINETUNE = train.TrainConfig(init_from=DEMO, data_root=Path("runs/demo_data_mirrored"), run_dir=Path("runs/finetune"),
-                             schedule="constant", weight_decay=0.01, max_grad_norm=math.inf, keep_last=1)
+                             weight_decay=0.01, max_grad_norm=math.inf, keep_last=1)
 
 
 def merge_weight(weight, lora_A, lora_B, scale: float):

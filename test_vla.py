@@ -1298,7 +1298,7 @@ def test_finetune_demo_path_mirrored_camera_before_after_and_serve_line(train_de
     r = finetune.main(replace(finetune.FINETUNE, max_steps=2, eval_episodes=2))
     assert r["step"] == 2 and all(0 <= r["success"][k] <= 1 for k in ("before", "after", "original"))
     recipe = json.loads((tmp_path / "runs" / "finetune" / "train_config.json").read_text())
-    assert (recipe["learning_rate"], recipe["image_aug"], recipe["max_grad_norm"]) == (2e-3, False, math.inf)
+    assert (recipe["learning_rate"], recipe["image_aug"], recipe["max_grad_norm"]) == (3e-3, False, math.inf)
     assert capsys.readouterr().out.strip().endswith("python serve.py --config.checkpoint runs/finetune/merged")
 
 
