@@ -129,8 +129,8 @@ def save_heads(vla, path: Path):
     """The released format back: torch.save of {"module." + name: tensor}, one file per head, same step; the chunk
     size in config.json (the released ones leave it to NUM_ACTIONS_CHUNK; the original ignores unknown keys)."""
     if vla.action_head is not None:
-        config = json.loads((path / "config.json").read_text())
-        (path / "config.json").write_text(json.dumps({**config, CHUNK_KEY: vla.action_head.chunk}, indent=2) + "\n")
+        config = {**json.loads((path / "config.json").read_text()), CHUNK_KEY: vla.action_head.chunk}
+        (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as checkpoint.py
     for name in HEADS:
         if (module := getattr(vla, name, None)) is not None:
             state = {"module." + k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
