@@ -59,6 +59,7 @@ class ServeConfig:
     max_instruction_bytes: int = 1024  # In UTF-8: <= 1025 tokens with byte fallback, so prompt + 256 patches < 2048.
     request_timeout_s: float = 10.0  # Deadline for a request's line, headers and body (and an idle connection).
     unnorm_key: str = ""  # Statistics for requests that name none (OFT's clients never send one).
+    center_crop: bool = True  # OFT models: the central 90% crop (as OFT's deploy.py; False if trained without crops).
     token: str = ""  # Bearer token every request but GET / must carry; if empty, $NANOVLA_TOKEN (keeps it out of ps).
 
 
@@ -293,9 +294,9 @@ class PolicyServer(ThreadingHTTPServer):
 
         try:
             with torch.inference_mode():
-                kw = {} if batch[0].proprio is None else {"proprio": [j.proprio for j in batch]}
+                proprio = None if batch[0].proprio is None else [j.proprio for j in batch]
                 actions = self.vla.predict_actions([j.image for j in batch], [j.instruction for j in batch],
-                                                   unnorm_key=[j.unnorm_key for j in batch], **kw)
+                                                   [j.unnorm_key for j in batch], proprio, self.config.center_crop)
             for job, action in zip(batch, actions, strict=True):
                 job.action = np.asarray(action, dtype=np.float64)
         except Exception as e:  # the server keeps serving: the requests get 500, the traceback goes to the log

@@ -500,8 +500,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             result["success_rate"], speed = demo_success(path, config.eval_episodes)
             print(f"closed-loop success {result['success_rate']:.0%} over {config.eval_episodes} demo episodes, "
                   f"{speed:.1f} actions/s")
-            token_demo = RECIPES["tiny"]["export_dir"]
-            if l1 and (token_demo / "config.json").exists():  # the autoregressive demo policy on the same episodes
+            if l1 and ((token_demo := RECIPES["tiny"]["export_dir"]) / "config.json").exists():  # the AR demo policy
                 rate, token_speed = demo_success(token_demo, config.eval_episodes)
                 print(f"autoregressive {token_demo}: {rate:.0%}, {token_speed:.1f} actions/s; OFT's chunks: "
                       f"{speed / token_speed:.1f}x the actions per second")
