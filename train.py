@@ -493,6 +493,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     result = {"step": step, "history": history, "export": path, "model": vla, **params}
     if is_main:
         key = f" --config.unnorm-key {config.data_mix}" if len(norm_stats) > 1 and config.data_mix in norm_stats else ""
+        key += " --config.center-crop False" if l1 and not config.image_aug else ""  # trained without random crops
         print(f"exported {path}; serve it with: python serve.py --config.checkpoint {path}{key}")
         if config.data_mix == "nanovla_demo" and config.eval_episodes:
             result["heldout"] = heldout(path, config)
@@ -538,11 +539,8 @@ def demo_success(path: Path, episodes: int, mirrored: bool = False) -> tuple[flo
 
     def policy(image, instruction, state):
         start = time.perf_counter()
-        if vla.action_head is None:
-            action = vla.predict_action(image, instruction, unnorm_key="nanovla_demo")
-        else:  # OFT: the state when the model reads one; no center crop (the demo trains without random crops)
-            proprio = None if vla.proprio_projector is None else [state]
-            action = vla.predict_actions([image], [instruction], "nanovla_demo", proprio, center_crop=False)[0]
+        proprio = None if vla.proprio_projector is None else [state]  # OFT: no center crop, the demo trains uncropped
+        action = vla.predict_actions([image], [instruction], "nanovla_demo", proprio, center_crop=False)[0]
         clock[0], clock[1] = clock[0] + time.perf_counter() - start, clock[1] + len(np.atleast_2d(action))
         return action
     return demo.demo_success_rate(policy, episodes=episodes, mirrored=mirrored), clock[1] / max(clock[0], 1e-9)
