@@ -1710,7 +1710,7 @@ class _FakeVLA:
 
     parameters = lambda self: iter([self.weight])  # noqa: E731
 
-    def predict_actions(self, images, instructions, unnorm_key=None):
+    def predict_actions(self, images, instructions, unnorm_key=None, proprio=None, center_crop=True):  # VLA's
         self.threads.add(threading.current_thread().name)
         self.batches.append(len(images))
         self.started.set()
