@@ -1486,7 +1486,7 @@ def test_oft_serve_is_a_drop_in_for_deploy_py(oft_vla):
             np.testing.assert_allclose(np.stack(rows), case["actions"], rtol=0, atol=1e-4)
         status, _, data = _http(server.server_address[1], "POST", "/act", json_numpy.dumps({**obs, "state": None}))
         assert status == 400 and b"'state' missing" in data
-        server.config.center_crop = False  # --config.center-crop False: a model trained without random crops
+        server.config.center_crop = False  # --config.no-center-crop: a model trained without random crops
         status, _, data = _http(server.server_address[1], "POST", "/act", json_numpy.dumps(obs).encode())
         uncropped = oft_vla.predict_actions([[obs["full_image"], obs["wrist_image"]]], [obs["instruction"]],
                                             config.unnorm_key, [obs["state"]], center_crop=False)[0]

@@ -375,7 +375,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     if l1:  # OFT: a new action head (and proprio projector), trained in full beside the VLA (or its adapters)
         widths = {len(s["proprio"]["mean"]) for s in dataset.norm_stats.values()} if config.proprio else {0}
         if len(widths) != 1:  # one projector reads one width
-            raise data.DataError(f"the mixture's proprio widths differ {sorted(widths)}; try --config.proprio False")
+            raise data.DataError(f"the mixture's proprio widths differ {sorted(widths)}; try --config.no-proprio")
         added.update(oft.add_heads(vla, config.chunk, data.ACTION_DIM, widths.pop(), config.seed))
     group = config.shard_group_size or world
     # 1-d mesh: FSDP over every rank. 2-d (replicate, shard): parameters and optimizer state are sharded within a
@@ -493,7 +493,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     result = {"step": step, "history": history, "export": path, "model": vla, **params}
     if is_main:
         key = f" --config.unnorm-key {config.data_mix}" if len(norm_stats) > 1 and config.data_mix in norm_stats else ""
-        key += " --config.center-crop False" if l1 and not config.image_aug else ""  # trained without random crops
+        key += " --config.no-center-crop" if l1 and not config.image_aug else ""  # trained without random crops
         print(f"exported {path}; serve it with: python serve.py --config.checkpoint {path}{key}")
         if config.data_mix == "nanovla_demo" and config.eval_episodes:
             result["heldout"] = heldout(path, config)
