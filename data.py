@@ -383,8 +383,7 @@ class RLDSDataset(torch.utils.data.IterableDataset):
         self.image_aug, self.shuffle_buffer_size = image_aug, shuffle_buffer_size
         self.seed, self.rank, self.world = seed, rank, world
         self.splits = [split or split_names(b)[0 if train else 1] for b in self.builders]
-        # Mixture weights: weight x num_transitions, normalized; the length of an "epoch" is set by the datasets
-        # whose raw weight is exactly 1.0 (none: the largest), as the original's dataset_len (rlds/dataset.py)
+        # weight x num_transitions, normalized; an epoch is set by the weight-1.0 datasets (rlds/dataset.py dataset_len)
         sizes = np.array([self.norm_stats[n]["num_transitions"] for n in self.names], np.float64)
         weights = np.array([w for _, w in self.mixture]) * sizes
         self.weights = weights / weights.sum()

@@ -101,8 +101,7 @@ def demo_episode(env: DemoEnv) -> dict:
     return {"steps": steps}
 
 
-# the demo recipe's 16,000 samples see each of the ~4,800 training frames ~3.7 times; fewer episodes, each seen more
-# often, generalize worse in closed loop (README)
+# the recipe's 16,000 samples see each of ~4,800 training frames ~3.7 times; fewer, seen more often, generalize worse
 DEMO_EPISODES = 2000
 
 

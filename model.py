@@ -64,8 +64,7 @@ class VLAConfig:
     n_action_bins: int = 256
     pad_token_id: int = 32000
     norm_stats: dict = field(default_factory=dict)
-    # Per-view (mean, std) that actually run: the release's preprocessor_config.json holds bf16-rounded DINOv2
-    # constants in tvf_normalize_params (its converter ran with torch's default dtype set to bfloat16).
+    # per-view (mean, std) as they run: the release's preprocessor_config.json holds bf16-rounded DINOv2 constants
     image_norm: list = field(default_factory=list)
     arch_specifier: str = "no-align+fused-gelu-mlp"
     llm_backbone_id: str = "llama2-7b-pure"
@@ -206,8 +205,7 @@ class ViT(nn.Module):
         if self.num_prefix:
             B = x.shape[0]
             x = torch.cat([self.cls_token.expand(B, -1, -1), self.reg_token.expand(B, -1, -1), x], dim=1)
-        # Features come from the second-to-last block, without the final norm, as OpenVLA trained
-        # (get_intermediate_layers(n={depth - 2})). The last block's output is discarded, so it is not run.
+        # the second-to-last block's output, no final norm, as OpenVLA trained (get_intermediate_layers(n={depth - 2}))
         for block in self.blocks[:-1]:
             x = run_block(block, x)
         return x[:, self.num_prefix:]  # drop cls and registers

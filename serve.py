@@ -50,10 +50,10 @@ class ServeConfig:
     device: str = "auto"  # cuda, cuda:N or cpu; auto = cuda when available, else cpu.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on cuda, float32 on cpu.
     max_batch_size: int = 16  # Most requests the model worker runs in one batched forward; 1 = one at a time.
-    max_wait_ms: float = 25.0  # How long a forming batch waits for requests still arriving (never for a lone client).
+    max_wait_ms: float = 25.0  # How long a forming batch waits for small requests being decoded (never for none).
     max_connections: int = 64  # Open connections beyond this get 503 at once: each holds a thread.
     max_body_bytes: int = 16 * 2**20  # Largest request body; a 1920x1080 image is 8 MiB as json_numpy.
-    max_decode_bytes: int = 32 * 2**20  # Bytes of bodies read and decoded at once; more queue (one alone always may).
+    max_decode_bytes: int = 16 * 2**20  # Bodies over 1/16 of this share it, decoding in turn; smaller ones go at once.
     max_image_pixels: int = 1920 * 1080  # Largest image (H * W), sized to cameras; the model resizes anyway.
     max_list_pixels: int = 256 * 256  # Largest nested-list image: its parse holds the interpreter ~1 us/pixel.
     max_instruction_bytes: int = 1024  # In UTF-8: <= 1025 tokens with byte fallback, so prompt + 256 patches < 2048.
@@ -207,7 +207,7 @@ class PolicyServer(ThreadingHTTPServer):
     def __init__(self, config: ServeConfig):
         self.config, self.vla, self.jobs, self.lock = config, None, queue.Queue(), threading.Lock()
         self.started, self.counts, self.n_batches = time.monotonic(), {"served": 0, "failed": 0}, 0
-        self.connections, self.decoding, self.decoding_bytes, self.cond = set(), 0, 0, threading.Condition()
+        self.connections, self.decoding, self.heavy_bytes, self.cond = set(), 0, 0, threading.Condition()
         self.worker, self.loaded, self.load_error = None, threading.Event(), None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # "::1" or "::" too
         try:
@@ -241,17 +241,19 @@ class PolicyServer(ThreadingHTTPServer):
 
     @contextlib.contextmanager
     def admit(self, n_bytes: int, deadline: float):
-        """Bounds memory: at most max_decode_bytes of bodies read and decoded at once; 503 if not admitted in time."""
+        """Bodies over 1/16 of max_decode_bytes are read and decoded within it (one alone always may; 503 if not
+        admitted in time): memory stays bounded. Camera-sized ones go at once, so big ones cannot starve them."""
+        heavy = n_bytes if n_bytes > self.config.max_decode_bytes // 16 else 0
         with self.cond:
-            fits = lambda: self.decoding == 0 or self.decoding_bytes + n_bytes <= self.config.max_decode_bytes
+            fits = lambda: not heavy or not self.heavy_bytes or self.heavy_bytes + heavy <= self.config.max_decode_bytes
             if not self.cond.wait_for(fits, timeout=max(0.0, deadline - time.monotonic())):
                 raise HTTPError(503, "server busy decoding other requests", "retry shortly", RETRY)
-            self.decoding, self.decoding_bytes = self.decoding + 1, self.decoding_bytes + n_bytes
+            self.heavy_bytes, self.decoding = self.heavy_bytes + heavy, self.decoding + (not heavy)
         try:
             yield
         finally:
             with self.cond:
-                self.decoding, self.decoding_bytes = self.decoding - 1, self.decoding_bytes - n_bytes
+                self.heavy_bytes, self.decoding = self.heavy_bytes - heavy, self.decoding - (not heavy)
                 self.cond.notify_all()
 
     def stop(self):
@@ -274,9 +276,8 @@ class PolicyServer(ThreadingHTTPServer):
             return
         finally:
             self.loaded.set()
-        last_size = 1
-        while (job := self.jobs.get()) is not None:
-            wait = self.config.max_wait_ms / 1e3 if last_size > 1 or self.jobs.qsize() or self.decoding else 0.0
+        while (job := self.jobs.get()) is not None:  # a batch waits only for small requests being decoded now
+            wait = self.config.max_wait_ms / 1e3 if self.decoding else 0.0
             batch, deadline = [job], time.monotonic() + wait
             with contextlib.suppress(queue.Empty):
                 while len(batch) < self.config.max_batch_size and batch[-1] is not None:
@@ -284,7 +285,7 @@ class PolicyServer(ThreadingHTTPServer):
             if batch[-1] is None:  # stop(), once this batch is answered
                 self.jobs.put(batch.pop())
             self.run_batch(batch)
-            self.n_batches, last_size = self.n_batches + 1, len(batch)
+            self.n_batches += 1
             for job in batch:
                 job.batch_size = len(batch)
                 job.done.set()

@@ -1793,8 +1793,10 @@ def test_serve_bounds_time_connections_and_bytes_being_decoded():
         assert _http(port, "GET", "/health")[0] == 200
         soon = lambda: time.monotonic() + 0.2
         with server.admit(60, soon()), server.admit(40, soon()):  # 100 bytes: the budget, together
-            with pytest.raises(serve.HTTPError) as busy, server.admit(1, soon()):  # one more waits, then 503
+            with pytest.raises(serve.HTTPError) as busy, server.admit(7, soon()):  # one more waits, then 503
                 pass
+            with server.admit(6, soon()):  # <= 1/16 of the budget (a camera frame): at once, beside big bodies
+                assert server.decoding == 1 and server.heavy_bytes == 100
         assert busy.value.status == 503
         with server.admit(500, soon()):  # over the budget but alone: admitted
             pass
@@ -1815,4 +1817,4 @@ def test_line_budget_and_width():
 
 if __name__ == "__main__":  # torchrun test_vla.py <check> <args>: one of the train section's multi-rank checks
     globals()[sys.argv[1]](*sys.argv[2:])
-    torch.distributed.destroy_process_group()
+    train.finish(0)

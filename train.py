@@ -181,8 +181,7 @@ def setup_distributed():
         dist.init_process_group("nccl" if cuda else "gloo", **alone)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
-        # CPU: share the cores among this machine's ranks and leave one for the data pipeline's TF decode threads;
-        # OpenMP threads on oversubscribed cores spin waiting for each other
+        # CPU: the cores shared among this machine's ranks, one left for TF's decode (oversubscribed OpenMP spins)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - 1))
     return dist.get_rank(), dist.get_world_size(), device
@@ -378,8 +377,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
             raise data.DataError(f"the mixture's proprio widths differ {sorted(widths)}; try --config.no-proprio")
         added.update(oft.add_heads(vla, config.chunk, data.ACTION_DIM, widths.pop(), config.seed))
     group = config.shard_group_size or world
-    # 1-d mesh: FSDP over every rank. 2-d (replicate, shard): parameters and optimizer state are sharded within a
-    # group and replicated across groups; gradients are reduce-scattered in the group, then all-reduced across them.
+    # 1-d mesh: FSDP over all ranks; 2-d (replicate, shard): HSDP, sharded within a group, replicated across groups
     mesh = (init_device_mesh(device.type, (world,)) if group == world else
             init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard")))
     shard(vla, mesh, config.bf16, config.activation_checkpointing)
@@ -400,11 +398,9 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
               "params_total": sum(p.numel() for p in vla.parameters()),
               "params_trained": sum(p.numel() for _, p in trainable)}
 
-    step = 0
-    if config.resume and found:
-        step = load_checkpoint(found, vla, optimizer, dataset)
-        if is_main:
-            print(f"resumed from {found[-1]} at step {step}")
+    step = load_checkpoint(found, vla, optimizer, dataset) if config.resume and found else 0
+    if is_main and step:
+        print(f"resumed from {found[-1]} at step {step}")
     total = config.max_steps or math.ceil(config.epochs * dataset.dataset_length / config.global_batch_size)
     norm_stats = {**model_config.norm_stats, **dataset.norm_stats}  # the init's keys stay usable, new data overrides
     if is_main:
@@ -429,8 +425,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
                                               collate_fn=data.collate, num_workers=0))  # TF decodes in its own threads
     ids = torch.arange(model_config.llm.vocab_size).numpy()  # token id -> normalized action, by tokenizer.py's decode
     decode = torch.tensor(vla.action_tokenizer.decode(ids), dtype=torch.float32, device=device)
-    # Device-side sums since the last log, synced only on log steps: loss, correct action tokens, action tokens,
-    # L1, micro-batches, samples. bad_step: the first step with a non-finite loss or gradient norm (-1: none).
+    # action_metrics' sums since the last log, synced on log steps only; bad_step: the first non-finite one (-1: none)
     window = torch.zeros(6, dtype=torch.float64, device=device)
     bad_step = torch.tensor(-1, device=device)
     history, t_log, steps_in_window = [], time.perf_counter(), 0
@@ -552,9 +547,19 @@ def cli(main):
 
     try:
         tyro.cli(main)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    dist.destroy_process_group()
+    except (data.DataError, SystemExit) as e:  # SystemExit: our stops (non-finite loss, ...), tyro's --help, bad flags
+        finish(f"error: {e}" if isinstance(e, data.DataError) else e.code)
+    finish(0)
+
+
+def finish(code: int | str | None):
+    """Exit without interpreter teardown: DTensor's caches keep the mesh's process groups past destroy_process_group,
+    and their gloo threads then race the teardown, aborting a rank now and then."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stderr.write(f"{code}\n" if isinstance(code, str) else "")  # a message, as SystemExit prints it
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else int(code is not None))
 
 
 if __name__ == "__main__":
