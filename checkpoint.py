@@ -183,8 +183,7 @@ def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
     kinds = {int: int, float: (int, float)}  # num_key_value_heads (int | None) may be null
     llm = LlamaConfig(**{f.name: expect(text[f.name], kinds.get(f.type, (int, type(None))), file,
                                         f"text_config.{f.name}") for f in fields(LlamaConfig) if f.name in text})
-    # ViT heads are not in config.json (the original takes them from timm's model ids): an explicit argument, then
-    # our own "timm_overrides" key, then the named config or release size whose width and depth match the weights.
+    # ViT heads (not in config.json): an argument, our "timm_overrides" key, or the size whose widths match the weights
     overrides = expect(timm_overrides or raw.get("timm_overrides") or {}, dict, file, "timm_overrides")
     vision = []
     for i, ((release, _), timm_id) in enumerate(zip(views, timm_ids)):

@@ -1,6 +1,6 @@
 """RLDS robot episodes -> tokenized, augmented training batches, exactly as OpenVLA trains on them.
 
-    python data.py --data-root demo_data --data-mix nanovla_demo  # statistics and a few tokenized frames
+    RLDSDataset("runs/demo_data", "nanovla_demo", tokenizer.build_text_tokenizer()).norm_stats  # and .frames()
 
 The path of one frame (the original's prismatic/vla/datasets/rlds/*):
     <data_root>/<name>/<version>/*.tfrecord  --tfds, images left encoded-->  episode (steps as numpy arrays)
@@ -40,8 +40,7 @@ if "tensorflow" not in sys.modules:
         import triton  # noqa: F401
     except ImportError:
         pass  # CPU builds have no triton: nothing to protect
-# TF's start-up chatter (absl, oneDNN, CPU features) goes before any output of ours; oneDNN only speeds up ops we
-# do not run (matmul, conv): decode, resize and augmentation give the same bits without it (golden tests)
+# no TF start-up chatter before our output; oneDNN speeds up only ops we do not run (the golden bits hold without it)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import tensorflow as tf  # noqa: E402
@@ -558,31 +557,3 @@ def write_rlds(data_dir, name: str, features: dict, splits: dict, version: str =
         if (Path(data_dir) / empty).is_dir() and not any((Path(data_dir) / empty).iterdir()):
             (Path(data_dir) / empty).rmdir()
     return Path(builder.data_dir)
-
-
-@dataclasses.dataclass
-class DataConfig:
-    data_root: Path
-    """directory of RLDS datasets (<data_root>/<name>/<version>/): print statistics and a few tokenized frames"""
-    data_mix: str = "nanovla_demo"
-    """a dataset name (a key of DATASETS) or a mixture (a key of MIXTURES)"""
-
-
-def main(config: DataConfig):
-    from tokenizer import build_text_tokenizer
-
-    ds = RLDSDataset(config.data_root, config.data_mix, build_text_tokenizer(), shuffle_buffer_size=1000)
-    print(json.dumps({n: {k: s[k] for k in ("num_transitions", "num_trajectories")} for n, s in ds.norm_stats.items()}))
-    for frame, _ in zip(ds.frames(), range(3)):
-        print(frame["dataset_name"], repr(frame["instruction"]), np.round(frame["action"], 3).tolist(),
-              ds.action_tokenizer.encode(frame["action"]).tolist())
-    return ds.norm_stats
-
-
-if __name__ == "__main__":
-    import tyro
-
-    try:
-        main(tyro.cli(DataConfig))
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None

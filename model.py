@@ -76,8 +76,7 @@ SIGLIP_SO = ViTConfig(1152, 27, 16, 4304, "siglip")  # vit_so400m_patch14_siglip
 DINO_NORM = ([0.484375, 0.455078125, 0.40625], [0.228515625, 0.2236328125, 0.224609375])  # bf16(ImageNet mean/std)
 SIGLIP_NORM = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 
-# vision_backbone_id -> (timm ids, [(ViTConfig, normalization)], image size), prismatic/models/materialize.py. CLIP
-# ids need quick-gelu and a cls token with norm_pre; no OpenVLA release uses them, so they are rejected.
+# vision_backbone_id -> (timm ids, [(ViTConfig, normalization)], image size), prismatic/models/materialize.py; no CLIP
 BACKBONES = {
     "dinosiglip-vit-so-224px": (["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
                                 [(DINO_L, DINO_NORM), (SIGLIP_SO, SIGLIP_NORM)], 224),

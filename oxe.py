@@ -109,8 +109,7 @@ def language_table_instruction(steps, out):
     return {**out, "instruction": np.array(text, dtype=object)}
 
 
-# DROID trains only on frames that move: normalized movement further than 1e-5 from DROID's normalized zero, computed
-# from the real DROID's q01/q99 (oxe/utils/droid_utils.py zero_action_filter), whatever this copy's statistics are
+# DROID keeps frames that move (> 1e-5 from zero, normalized by real DROID's q01/q99: droid_utils.py zero_action_filter)
 DROID_Q01 = np.float32([-0.7776297926902771, -0.5803514122962952, -0.5795090794563293, -0.6464047729969025,
                         -0.7041108310222626, -0.8895104378461838])
 DROID_Q99 = np.float32([0.7597932070493698, 0.5726242214441299, 0.7351000607013702, 0.6705610305070877,

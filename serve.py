@@ -74,6 +74,7 @@ REQUEST_SHAPE = 'a JSON object {"image": uint8 (H, W, 3), "instruction": str, "u
 IMAGE_FORMS = "json_numpy uint8 array (H, W, 3), nested lists of ints 0..255 (H, W, 3), or a base64 PNG/JPEG string"
 ROUTES = {"/": ("GET", "HEAD"), "/health": ("GET", "HEAD"), "/act": ("POST",)}
 RETRY = {"Retry-After": "1"}
+SMALL_PIXELS, SMALL_LIST = 640 * 480, 64 * 64  # PNG/JPEG and nested-list pixels that decode in a few ms; more: a lane
 
 
 def bad(error: str, expected: str = REQUEST_SHAPE) -> HTTPError:  # every failure of request parsing is a 400
@@ -104,8 +105,8 @@ def load_json(text, what: str):
         raise bad(f"{what} is not valid JSON") from None
 
 
-def decode_image(value, max_pixels: int) -> tuple[np.ndarray, str]:
-    """Any of the accepted image forms -> (uint8 (H, W, 3) array, form), where form picks the answer's encoding."""
+def decode_image(value, max_pixels: int, lane=contextlib.nullcontext) -> tuple[np.ndarray, str]:
+    """Any accepted image form -> (uint8 (H, W, 3) array, form: the answer's encoding); a big PNG/JPEG inside lane()."""
     if isinstance(value, (np.ndarray, np.generic)):  # json_numpy, already decoded by numpy_hook
         image, form = value, "json_numpy"
         if image.dtype != np.uint8:
@@ -126,7 +127,8 @@ def decode_image(value, max_pixels: int) -> tuple[np.ndarray, str]:
         if img.format not in ("PNG", "JPEG") or img.width * img.height > max_pixels:  # before decoding any pixel
             raise bad(f"image file is a {img.height}x{img.width} {img.format}", f"a PNG or JPEG of <= {max_pixels} px")
         try:
-            image, form = np.asarray(img.convert("RGB")), "plain"  # as deploy.py's Image.fromarray(...).convert("RGB")
+            with lane() if img.width * img.height > SMALL_PIXELS else contextlib.nullcontext():
+                image, form = np.asarray(img.convert("RGB")), "plain"  # as deploy.py's Image.fromarray(...).convert()
         except Exception:
             raise bad("image file is truncated or corrupt", "a complete PNG or JPEG") from None
     else:
@@ -138,10 +140,13 @@ def decode_image(value, max_pixels: int) -> tuple[np.ndarray, str]:
     return image, form
 
 
-def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
-    """POST /act body -> (image, instruction, unnorm_key, form, state) with every field checked."""
+def parse_act(body: bytes, norm_stats: dict, config: ServeConfig, lane=contextlib.nullcontext):
+    """POST /act body -> (image, instruction, unnorm_key, form, state), all checked; a big body parses inside lane()."""
     if (n := body.count(b",")) > 3 * config.max_list_pixels + 64:  # counted before parsing: each list item costs
         raise bad(f"body holds {n} JSON items", f"nested-list images of <= {config.max_list_pixels} px; json_numpy")
+    if lane is not contextlib.nullcontext and (len(body) > config.max_decode_bytes // 16 or n > 3 * SMALL_LIST):
+        with lane():
+            return parse_act(body, norm_stats, config)
     payload = load_json(body, "body")
     if encoded := isinstance(payload, dict) and "encoded" in payload:  # deploy.py's {"encoded": json_numpy text}
         if not isinstance(payload["encoded"], str):
@@ -169,7 +174,7 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig):
     except ValueError as e:
         raise bad(str(e), f"unnorm_key one of {sorted(norm_stats)}") from None
     keys = ["full_image"] + [k for k in payload if "wrist" in k] if oft_form else ["image"]
-    images = [decode_image(payload[k], config.max_image_pixels) for k in keys]
+    images = [decode_image(payload[k], config.max_image_pixels, lane) for k in keys]
     image, form = ([im for im, _ in images], "json_numpy") if oft_form else images[0]
     if (state := payload.get("state") if oft_form else None) is not None:
         state = np.asarray(state) if isinstance(state, (list, np.ndarray)) else np.array([])
@@ -207,6 +212,7 @@ class PolicyServer(ThreadingHTTPServer):
     def __init__(self, config: ServeConfig):
         self.config, self.vla, self.jobs, self.lock = config, None, queue.Queue(), threading.Lock()
         self.started, self.counts, self.n_batches = time.monotonic(), {"served": 0, "failed": 0}, 0
+        self.busy = self.in_lane = False
         self.connections, self.decoding, self.heavy_bytes, self.cond = set(), 0, 0, threading.Condition()
         self.worker, self.loaded, self.load_error = None, threading.Event(), None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # "::1" or "::" too
@@ -256,6 +262,25 @@ class PolicyServer(ThreadingHTTPServer):
                 self.heavy_bytes, self.decoding = self.heavy_bytes - heavy, self.decoding - (not heavy)
                 self.cond.notify_all()
 
+    @contextlib.contextmanager
+    def lane(self, deadline: float):
+        """One big decode at a time, begun only while the model is idle (no batch running or queued): such a parse holds
+        the interpreter lock for tens of ms, stalling each op of a forward that runs beside it. 503 if not in time."""
+        with self.cond:
+            free = lambda: not self.in_lane and not self.busy and not self.jobs.qsize()
+            if not self.cond.wait_for(free, timeout=max(0.0, deadline - time.monotonic())):
+                raise HTTPError(503, "server busy decoding other big requests", "retry shortly", RETRY)
+            self.in_lane = True
+        try:
+            yield
+        finally:
+            self.set(in_lane=False)
+
+    def set(self, **flags):  # busy (the model runs a batch), in_lane: what lane() waits on
+        with self.cond:
+            self.__dict__.update(flags)
+            self.cond.notify_all()
+
     def stop(self):
         """Stop accepting, end every connection's reading, answer the requests already read, stop the worker."""
         self.shutdown()  # returns once serve_forever has left its loop; call it from another thread
@@ -284,8 +309,9 @@ class PolicyServer(ThreadingHTTPServer):
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
             if batch[-1] is None:  # stop(), once this batch is answered
                 self.jobs.put(batch.pop())
+            self.set(busy=True)
             self.run_batch(batch)
-            self.n_batches += 1
+            self.set(busy=False, n_batches=self.n_batches + 1)
             for job in batch:
                 job.batch_size = len(batch)
                 job.done.set()
@@ -378,10 +404,10 @@ class Handler(BaseHTTPRequestHandler):
             return 200 if server.vla is not None else 503, json.dumps(self.health()).encode(), "application/json"
         if server.vla is None:
             raise HTTPError(503, "the model is still loading", "retry; GET /health says when it is ready", RETRY)
-        length = self.content_length()
-        with server.admit(length, self.reader.deadline):  # images are decoded only once admitted
+        length, deadline = self.content_length(), self.reader.deadline
+        with server.admit(length, deadline):  # images are decoded only once admitted
             image, instruction, unnorm_key, form, state = parse_act(self.read_body(length), server.vla.norm_stats,
-                                                                    server.config)
+                                                                    server.config, lambda: server.lane(deadline))
             if getattr(server.vla, "action_head", None) is None:  # the model's own resize, off its thread (not OFT's)
                 size = server.vla.config.vision[0].image_size
                 image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))

@@ -1816,6 +1816,29 @@ def test_serve_bounds_time_connections_and_bytes_being_decoded():
         assert busy.value.status == 503
         with server.admit(500, soon()):  # over the budget but alone: admitted
             pass
+        server.set(busy=True)  # the model runs a batch: a big decode waits for it to end, then 503 at its deadline
+        with pytest.raises(serve.HTTPError) as busy, server.lane(soon()):
+            pass
+        assert busy.value.status == 503
+        server.set(busy=False)
+        with server.lane(soon()):
+            assert server.in_lane
+        assert not server.in_lane
+
+
+def test_serve_big_bodies_and_images_decode_in_the_lane():
+    entered, small = [], serve.ServeConfig(max_decode_bytes=16 * 2000)  # small: bodies over 2000 bytes are big
+    lane = lambda: contextlib.nullcontext(entered.append(1))  # noqa: E731
+    cases = {(8, 8): (small, json_numpy.dumps, np.zeros((8, 8, 3), np.uint8), 0),  # the big body: 4 KiB of base64
+             (32, 32): (small, json_numpy.dumps, np.ones((32, 32, 3), np.uint8), 1),  # default: 1 MiB; lists by items
+             (64, 64): (serve.ServeConfig(), json.dumps, [[[1, 2, 3]] * 64] * 64, 0),
+             (65, 64): (serve.ServeConfig(), json.dumps, [[[1, 2, 3]] * 64] * 65, 1),  # > SMALL_LIST pixels
+             (480, 640): (serve.ServeConfig(), json.dumps, _png_b64(np.zeros((480, 640, 3), np.uint8)), 0),
+             (481, 640): (serve.ServeConfig(), json.dumps, _png_b64(np.zeros((481, 640, 3), np.uint8)), 1)}
+    for shape, (config, dumps, image, n) in cases.items():
+        entered.clear()
+        got = serve.parse_act(dumps({"image": image, "instruction": "go"}).encode(), {"fake": {}}, config, lane)
+        assert (got[0].shape[:2], len(entered)) == (shape, n)
 
 
 def test_line_budget_and_width():

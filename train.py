@@ -387,8 +387,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
     materialize(vla, device, lambda i, name, *rest: (added.get(name) or init)(i, name, *rest))
     vla.train()
 
-    # AdamW (torch's betas and eps, the original's) over this rank's fp32 shards. FSDP2's DTensors keep their shapes,
-    # so "matrices decay, biases and 1-d params don't" works (the original's flat FSDP1 views put all in no-decay).
+    # AdamW (torch's betas, eps) on this rank's fp32 shards; DTensors keep their shapes, so matrices decay, 1-d don't
     trainable = [(n, p) for n, p in vla.named_parameters() if p.requires_grad]
     decay = {n for n, p in trainable if p.ndim >= 2 and not n.endswith(".bias")}
     groups = [{"params": [p for n, p in trainable if n in decay], "weight_decay": config.weight_decay},
