@@ -409,8 +409,9 @@ class Handler(BaseHTTPRequestHandler):
             image, instruction, unnorm_key, form, state = parse_act(self.read_body(length), server.vla.norm_stats,
                                                                     server.config, lambda: server.lane(deadline))
             if getattr(server.vla, "action_head", None) is None:  # the model's own resize, off its thread (not OFT's)
-                size = server.vla.config.vision[0].image_size
-                image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+                size, big = server.vla.config.vision[0].image_size, image.shape[0] * image.shape[1] > SMALL_PIXELS
+                with server.lane(deadline) if big else contextlib.nullcontext():  # its CPU would stall a forward
+                    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
         if (state is None) != (getattr(server.vla, "proprio_projector", None) is None) or (
                 state is not None and "proprio" not in server.vla.norm_stats[unnorm_key]):
             raise bad(f"field 'state' {'missing' if state is None else 'not usable'} for this model",
