@@ -1109,7 +1109,7 @@ def test_train_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_de
     assert "step" in saved and any(k.startswith("model.language_model.") for k in saved)
 
 
-def test_train_data_error_is_one_message_and_a_mistyped_root_writes_nothing(tmp_path):
+def test_train_data_or_checkpoint_error_is_one_message_and_a_mistyped_root_writes_nothing(tmp_path):
     typo = tmp_path / "demo_dta"
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config.data-root={typo}"], env=TRAIN_ENV,
                          timeout=300, capture_output=True, text=True)
@@ -1118,6 +1118,11 @@ def test_train_data_error_is_one_message_and_a_mistyped_root_writes_nothing(tmp_
                                                    "first use only to runs/demo_data, elsewhere with python demo.py "
                                                    "--data-dir DIR")
     assert not typo.exists()
+    gone = tmp_path / "no_checkpoint"  # finetune.py's start: read through checkpoint.py, a missing directory
+    out = subprocess.run([sys.executable, str(ROOT / "finetune.py"), f"--config.init-from={gone}"], env=TRAIN_ENV,
+                         timeout=300, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == f"error: {gone}: checkpoint directory does not exist"
 
 
 def test_train_resume_edges_corrupt_checkpoint_metrics_and_export(train_demo, tmp_path):

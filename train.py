@@ -40,7 +40,7 @@ from torch.distributed.tensor import DTensor
 import data
 import demo
 import oft
-from checkpoint import check_state, load_text_tokenizer, read_config, read_tensor, read_weight_headers
+from checkpoint import CheckpointError, check_state, load_text_tokenizer, read_config, read_tensor, read_weight_headers
 from model import CONFIGS, VLA, init_weights
 from tokenizer import IGNORE_INDEX, action_dim, build_text_tokenizer
 
@@ -541,13 +541,13 @@ def demo_success(path: Path, episodes: int, mirrored: bool = False) -> tuple[flo
 
 
 def cli(main):
-    """python train.py / finetune.py: parse the flags and run; a data error is its message alone, no traceback."""
+    """python train.py / finetune.py: parse the flags and run; a data or checkpoint error is its message alone."""
     import tyro
 
     try:
         tyro.cli(main)
-    except (data.DataError, SystemExit) as e:  # SystemExit: our stops (non-finite loss, ...), tyro's --help, bad flags
-        finish(f"error: {e}" if isinstance(e, data.DataError) else e.code)
+    except (data.DataError, CheckpointError, FileNotFoundError, SystemExit) as e:  # SystemExit: our stops, tyro's
+        finish(e.code if isinstance(e, SystemExit) else f"error: {e}")
     finish(0)
 
 
