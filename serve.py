@@ -77,6 +77,10 @@ RETRY = {"Retry-After": "1"}
 SMALL_PIXELS, SMALL_LIST = 640 * 480, 64 * 64  # PNG/JPEG and nested-list pixels that decode in a few ms; more: a lane
 
 
+def big_body(n_bytes: int, config: ServeConfig) -> bool:  # shares the decode budget (admit) and parses in the lane
+    return n_bytes > config.max_decode_bytes // 16
+
+
 def bad(error: str, expected: str = REQUEST_SHAPE) -> HTTPError:  # every failure of request parsing is a 400
     return HTTPError(400, error, expected)
 
@@ -144,7 +148,7 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig, lane=contextli
     """POST /act body -> (image, instruction, unnorm_key, form, state), all checked; a big body parses inside lane()."""
     if (n := body.count(b",")) > 3 * config.max_list_pixels + 64:  # counted before parsing: each list item costs
         raise bad(f"body holds {n} JSON items", f"nested-list images of <= {config.max_list_pixels} px; json_numpy")
-    if lane is not contextlib.nullcontext and (len(body) > config.max_decode_bytes // 16 or n > 3 * SMALL_LIST):
+    if lane is not contextlib.nullcontext and (big_body(len(body), config) or n > 3 * SMALL_LIST):
         with lane():
             return parse_act(body, norm_stats, config)
     payload = load_json(body, "body")
@@ -249,7 +253,7 @@ class PolicyServer(ThreadingHTTPServer):
     def admit(self, n_bytes: int, deadline: float):
         """Bodies over 1/16 of max_decode_bytes are read and decoded within it (one alone always may; 503 if not
         admitted in time): memory stays bounded. Camera-sized ones go at once, so big ones cannot starve them."""
-        heavy = n_bytes if n_bytes > self.config.max_decode_bytes // 16 else 0
+        heavy = n_bytes if big_body(n_bytes, self.config) else 0
         with self.cond:
             fits = lambda: not heavy or not self.heavy_bytes or self.heavy_bytes + heavy <= self.config.max_decode_bytes
             if not self.cond.wait_for(fits, timeout=max(0.0, deadline - time.monotonic())):
@@ -276,7 +280,7 @@ class PolicyServer(ThreadingHTTPServer):
         finally:
             self.set(in_lane=False)
 
-    def set(self, **flags):  # busy (the model runs a batch), in_lane: what lane() waits on
+    def set(self, **flags):  # busy (the model runs a batch) and in_lane, the flags lane() waits on
         with self.cond:
             self.__dict__.update(flags)
             self.cond.notify_all()
@@ -311,7 +315,8 @@ class PolicyServer(ThreadingHTTPServer):
                 self.jobs.put(batch.pop())
             self.set(busy=True)
             self.run_batch(batch)
-            self.set(busy=False, n_batches=self.n_batches + 1)
+            self.set(busy=False)
+            self.n_batches += 1
             for job in batch:
                 job.batch_size = len(batch)
                 job.done.set()
