@@ -22,12 +22,15 @@ import hmac
 import io
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import signal
 import socket
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -66,18 +69,25 @@ class ServeConfig:
 class HTTPError(Exception):  # a refused request: status, what was wrong, and what would work instead
     def __init__(self, status: int, error: str, expected: str = "", headers: dict | None = None):
         super().__init__(error)
-        self.status, self.headers = status, headers or {}
+        self.status, self.headers, self.fields = status, headers or {}, (status, error, expected, headers)
         self.body = json.dumps({"error": error, "expected": expected} if expected else {"error": error}).encode()
+
+    def __reduce__(self):  # raised in the decoder process, re-raised in the request's thread
+        return HTTPError, self.fields
+
+
+class Offload(Exception):  # a big body or image: the whole body parses in the decoder process (PolicyServer.offload)
+    pass
 
 
 REQUEST_SHAPE = 'a JSON object {"image": uint8 (H, W, 3), "instruction": str, "unnorm_key": str (optional)}; see GET /'
 IMAGE_FORMS = "json_numpy uint8 array (H, W, 3), nested lists of ints 0..255 (H, W, 3), or a base64 PNG/JPEG string"
 ROUTES = {"/": ("GET", "HEAD"), "/health": ("GET", "HEAD"), "/act": ("POST",)}
 RETRY = {"Retry-After": "1"}
-SMALL_PIXELS, SMALL_LIST = 640 * 480, 64 * 64  # PNG/JPEG and nested-list pixels that decode in a few ms; more: a lane
+SMALL_PIXELS, SMALL_LIST = 640 * 480, 64 * 64  # PNG/JPEG and nested-list pixels that decode in a few ms; more: offload
 
 
-def big_body(n_bytes: int, config: ServeConfig) -> bool:  # shares the decode budget (admit) and parses in the lane
+def big_body(n_bytes: int, config: ServeConfig) -> bool:  # shares the decode budget (admit) and parses offloaded
     return n_bytes > config.max_decode_bytes // 16
 
 
@@ -109,8 +119,8 @@ def load_json(text, what: str):
         raise bad(f"{what} is not valid JSON") from None
 
 
-def decode_image(value, max_pixels: int, lane=contextlib.nullcontext) -> tuple[np.ndarray, str]:
-    """Any accepted image form -> (uint8 (H, W, 3) array, form: the answer's encoding); a big PNG/JPEG inside lane()."""
+def decode_image(value, max_pixels: int, offload=False) -> tuple[np.ndarray, str]:
+    """Any accepted image form -> (uint8 (H, W, 3) array, form: the answer's encoding); Offload for a big PNG/JPEG."""
     if isinstance(value, (np.ndarray, np.generic)):  # json_numpy, already decoded by numpy_hook
         image, form = value, "json_numpy"
         if image.dtype != np.uint8:
@@ -130,9 +140,10 @@ def decode_image(value, max_pixels: int, lane=contextlib.nullcontext) -> tuple[n
             raise bad("image string is not a base64 PNG or JPEG", IMAGE_FORMS) from None
         if img.format not in ("PNG", "JPEG") or img.width * img.height > max_pixels:  # before decoding any pixel
             raise bad(f"image file is a {img.height}x{img.width} {img.format}", f"a PNG or JPEG of <= {max_pixels} px")
+        if offload and img.width * img.height > SMALL_PIXELS:
+            raise Offload
         try:
-            with lane() if img.width * img.height > SMALL_PIXELS else contextlib.nullcontext():
-                image, form = np.asarray(img.convert("RGB")), "plain"  # as deploy.py's Image.fromarray(...).convert()
+            image, form = np.asarray(img.convert("RGB")), "plain"  # as deploy.py's Image.fromarray(...).convert()
         except Exception:
             raise bad("image file is truncated or corrupt", "a complete PNG or JPEG") from None
     else:
@@ -144,13 +155,13 @@ def decode_image(value, max_pixels: int, lane=contextlib.nullcontext) -> tuple[n
     return image, form
 
 
-def parse_act(body: bytes, norm_stats: dict, config: ServeConfig, lane=contextlib.nullcontext):
-    """POST /act body -> (image, instruction, unnorm_key, form, state), all checked; a big body parses inside lane()."""
+def parse_act(body: bytes, norm_stats: dict, config: ServeConfig, size=0, offload=False):
+    """POST /act body -> (image, instruction, unnorm_key, form, state), all checked, the image resized to size x size
+    (OpenVLA; 0 keeps it, for OFT's own preparation). With offload, Offload for a big body or image."""
     if (n := body.count(b",")) > 3 * config.max_list_pixels + 64:  # counted before parsing: each list item costs
         raise bad(f"body holds {n} JSON items", f"nested-list images of <= {config.max_list_pixels} px; json_numpy")
-    if lane is not contextlib.nullcontext and (big_body(len(body), config) or n > 3 * SMALL_LIST):
-        with lane():
-            return parse_act(body, norm_stats, config)
+    if offload and (big_body(len(body), config) or n > 3 * SMALL_LIST):
+        raise Offload
     payload = load_json(body, "body")
     if encoded := isinstance(payload, dict) and "encoded" in payload:  # deploy.py's {"encoded": json_numpy text}
         if not isinstance(payload["encoded"], str):
@@ -178,8 +189,10 @@ def parse_act(body: bytes, norm_stats: dict, config: ServeConfig, lane=contextli
     except ValueError as e:
         raise bad(str(e), f"unnorm_key one of {sorted(norm_stats)}") from None
     keys = ["full_image"] + [k for k in payload if "wrist" in k] if oft_form else ["image"]
-    images = [decode_image(payload[k], config.max_image_pixels, lane) for k in keys]
+    images = [decode_image(payload[k], config.max_image_pixels, offload) for k in keys]
     image, form = ([im for im, _ in images], "json_numpy") if oft_form else images[0]
+    if size and not oft_form:  # the model's own resize, here: off the model's thread
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
     if (state := payload.get("state") if oft_form else None) is not None:
         state = np.asarray(state) if isinstance(state, (list, np.ndarray)) else np.array([])
         if state.ndim != 1 or state.size == 0 or state.dtype.kind not in "iuf" or not np.isfinite(state).all():
@@ -216,7 +229,6 @@ class PolicyServer(ThreadingHTTPServer):
     def __init__(self, config: ServeConfig):
         self.config, self.vla, self.jobs, self.lock = config, None, queue.Queue(), threading.Lock()
         self.started, self.counts, self.n_batches = time.monotonic(), {"served": 0, "failed": 0}, 0
-        self.busy = self.in_lane = False
         self.connections, self.decoding, self.heavy_bytes, self.cond = set(), 0, 0, threading.Condition()
         self.worker, self.loaded, self.load_error = None, threading.Event(), None
         self.address_family = socket.AF_INET6 if ":" in config.host else socket.AF_INET  # "::1" or "::" too
@@ -224,7 +236,7 @@ class PolicyServer(ThreadingHTTPServer):
             super().__init__((config.host, config.port), Handler)
         except OSError as e:
             raise SystemExit(f"cannot listen on {config.host}:{config.port} ({e}); try another --config.port") from None
-        self.url = f"http://{config.host}:{self.server_address[1]}"
+        self.url, self.decoder = f"http://{config.host}:{self.server_address[1]}", self.new_decoder()
 
     def attach(self, load):
         self.worker = threading.Thread(target=self.run, args=(load,), name="model-worker", daemon=True)
@@ -266,24 +278,31 @@ class PolicyServer(ThreadingHTTPServer):
                 self.heavy_bytes, self.decoding = self.heavy_bytes - heavy, self.decoding - (not heavy)
                 self.cond.notify_all()
 
-    @contextlib.contextmanager
-    def lane(self, deadline: float):
-        """One big decode at a time, begun only while the model is idle (no batch running or queued): such a parse holds
-        the interpreter lock for tens of ms, stalling each op of a forward that runs beside it. 503 if not in time."""
-        with self.cond:
-            free = lambda: not self.in_lane and not self.busy and not self.jobs.qsize()
-            if not self.cond.wait_for(free, timeout=max(0.0, deadline - time.monotonic())):
-                raise HTTPError(503, "server busy decoding other big requests", "retry shortly", RETRY)
-            self.in_lane = True
-        try:
-            yield
-        finally:
-            self.set(in_lane=False)
+    def new_decoder(self):  # spawned: forking a process that runs threads can copy a held lock
+        decoder = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=getattr(os, "nice", None),
+                                      initargs=(19,))  # the lowest CPU priority: the model's threads come first
+        decoder.submit(parse_act, b"{}", {}, self.config)  # starts it, importing this file there: not on a request
+        return decoder
 
-    def set(self, **flags):  # busy (the model runs a batch) and in_lane, the flags lane() waits on
-        with self.cond:
-            self.__dict__.update(flags)
-            self.cond.notify_all()
+    def offload(self, body: bytes, size: int, deadline: float):
+        """parse_act in the decoder process, one body at a time: a big parse holds the interpreter lock for tens of ms
+        in C, which would stall each op of a forward beside it, and its CPU yields to the model there. 503 if late."""
+        small, decoder = not big_body(len(body), self.config), self.decoder  # admit() counted a small one as decoding:
+        with self.cond:  # no forming batch should wait for it
+            self.decoding -= small
+        try:
+            future = decoder.submit(parse_act, body, self.vla.norm_stats, self.config, size)
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            future.cancel()  # not begun: never will be
+            raise HTTPError(503, "server busy decoding other big requests", "retry shortly", RETRY) from None
+        except BrokenProcessPool:  # the decoder died (killed, out of memory): one fresh one for the next requests
+            with self.lock:
+                self.decoder = self.new_decoder() if self.decoder is decoder else self.decoder
+            raise HTTPError(503, "the decoder process restarted", "retry shortly", RETRY) from None
+        finally:
+            with self.cond:
+                self.decoding += small
 
     def stop(self):
         """Stop accepting, end every connection's reading, answer the requests already read, stop the worker."""
@@ -296,6 +315,7 @@ class PolicyServer(ThreadingHTTPServer):
         if self.worker is not None and self.worker.is_alive():
             self.jobs.put(None)  # after the jobs already queued
             self.worker.join()
+        self.decoder.shutdown(cancel_futures=True)
 
     def run(self, load):  # every torch op runs on this thread: an OpenMP team per torch thread would oversubscribe
         try:
@@ -313,9 +333,7 @@ class PolicyServer(ThreadingHTTPServer):
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
             if batch[-1] is None:  # stop(), once this batch is answered
                 self.jobs.put(batch.pop())
-            self.set(busy=True)
             self.run_batch(batch)
-            self.set(busy=False)
             self.n_batches += 1
             for job in batch:
                 job.batch_size = len(batch)
@@ -410,13 +428,13 @@ class Handler(BaseHTTPRequestHandler):
         if server.vla is None:
             raise HTTPError(503, "the model is still loading", "retry; GET /health says when it is ready", RETRY)
         length, deadline = self.content_length(), self.reader.deadline
+        size = 0 if getattr(server.vla, "action_head", None) is not None else server.vla.config.vision[0].image_size
         with server.admit(length, deadline):  # images are decoded only once admitted
-            image, instruction, unnorm_key, form, state = parse_act(self.read_body(length), server.vla.norm_stats,
-                                                                    server.config, lambda: server.lane(deadline))
-            if getattr(server.vla, "action_head", None) is None:  # the model's own resize, off its thread (not OFT's)
-                size, big = server.vla.config.vision[0].image_size, image.shape[0] * image.shape[1] > SMALL_PIXELS
-                with server.lane(deadline) if big else contextlib.nullcontext():  # its CPU would stall a forward
-                    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+            try:
+                parsed = parse_act(body := self.read_body(length), server.vla.norm_stats, server.config, size, True)
+            except Offload:
+                parsed = server.offload(body, size, deadline)
+            image, instruction, unnorm_key, form, state = parsed
         if (state is None) != (getattr(server.vla, "proprio_projector", None) is None) or (
                 state is not None and "proprio" not in server.vla.norm_stats[unnorm_key]):
             raise bad(f"field 'state' {'missing' if state is None else 'not usable'} for this model",

@@ -1821,29 +1821,34 @@ def test_serve_bounds_time_connections_and_bytes_being_decoded():
         assert busy.value.status == 503
         with server.admit(500, soon()):  # over the budget but alone: admitted
             pass
-        server.set(busy=True)  # the model runs a batch: a big decode waits for it to end, then 503 at its deadline
-        with pytest.raises(serve.HTTPError) as busy, server.lane(soon()):
-            pass
-        assert busy.value.status == 503
-        server.set(busy=False)
-        with server.lane(soon()):
-            assert server.in_lane
-        assert not server.in_lane
+        body = json.dumps({"image": [[[1, 2, 3]] * 4] * 4, "instruction": "go"}).encode()
+        assert server.offload(body, 2, time.monotonic() + 30)[0].shape == (2, 2, 3)  # parsed and resized there
+        with pytest.raises(serve.HTTPError) as late:  # not parsed by its deadline: 503
+            server.offload(body, 0, time.monotonic())
+        [p.kill() for p in server.decoder._processes.values()]  # the decoder dies: 503, then a fresh one parses
+        time.sleep(0.5)
+        with pytest.raises(serve.HTTPError) as died:
+            server.offload(body, 0, time.monotonic() + 30)
+        assert late.value.status == died.value.status == 503 and "restarted" in json.loads(died.value.body)["error"]
+        assert server.offload(body, 0, time.monotonic() + 30)[0].shape == (4, 4, 3)
+        with pytest.raises(serve.HTTPError) as refused:  # its 400s cross from the decoder process intact
+            server.offload(body.replace(b'"go"', b'""'), 0, time.monotonic() + 30)
+        assert refused.value.status == 400 and "instruction is empty" in json.loads(refused.value.body)["error"]
 
 
-def test_serve_big_bodies_and_images_decode_in_the_lane():
-    entered, small = [], serve.ServeConfig(max_decode_bytes=16 * 2000)  # small: bodies over 2000 bytes are big
-    lane = lambda: contextlib.nullcontext(entered.append(1))  # noqa: E731
-    cases = {(8, 8): (small, json_numpy.dumps, np.zeros((8, 8, 3), np.uint8), 0),  # the big body: 4 KiB of base64
-             (32, 32): (small, json_numpy.dumps, np.ones((32, 32, 3), np.uint8), 1),  # default: 1 MiB; lists by items
-             (64, 64): (serve.ServeConfig(), json.dumps, [[[1, 2, 3]] * 64] * 64, 0),
-             (65, 64): (serve.ServeConfig(), json.dumps, [[[1, 2, 3]] * 64] * 65, 1),  # > SMALL_LIST pixels
-             (480, 640): (serve.ServeConfig(), json.dumps, _png_b64(np.zeros((480, 640, 3), np.uint8)), 0),
-             (481, 640): (serve.ServeConfig(), json.dumps, _png_b64(np.zeros((481, 640, 3), np.uint8)), 1)}
-    for shape, (config, dumps, image, n) in cases.items():
-        entered.clear()
-        got = serve.parse_act(dumps({"image": image, "instruction": "go"}).encode(), {"fake": {}}, config, lane)
-        assert (got[0].shape[:2], len(entered)) == (shape, n)
+def test_serve_big_bodies_and_images_parse_in_the_decoder_process():
+    small = serve.ServeConfig(max_decode_bytes=16 * 2000)  # small: bodies over 2000 bytes are big
+    cases = {(8, 8): (small, json_numpy.dumps, np.zeros((8, 8, 3), np.uint8), False),  # the big body: 4 KiB of base64
+             (32, 32): (small, json_numpy.dumps, np.ones((32, 32, 3), np.uint8), True),  # default 1 MiB; lists by items
+             (64, 64): (serve.ServeConfig(), json.dumps, [[[1, 2, 3]] * 64] * 64, False),
+             (65, 64): (serve.ServeConfig(), json.dumps, [[[1, 2, 3]] * 64] * 65, True),  # > SMALL_LIST pixels
+             (480, 640): (serve.ServeConfig(), json.dumps, _png_b64(np.zeros((480, 640, 3), np.uint8)), False),
+             (481, 640): (serve.ServeConfig(), json.dumps, _png_b64(np.zeros((481, 640, 3), np.uint8)), True)}
+    for shape, (config, dumps, image, offloaded) in cases.items():
+        body = dumps({"image": image, "instruction": "go"}).encode()
+        assert serve.parse_act(body, {"fake": {}}, config)[0].shape[:2] == shape  # as the decoder process parses it
+        with contextlib.nullcontext() if not offloaded else pytest.raises(serve.Offload):
+            assert serve.parse_act(body, {"fake": {}}, config, 0, True)[0].shape[:2] == shape
 
 
 def test_line_budget_and_width():
