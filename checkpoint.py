@@ -192,8 +192,7 @@ def read_config(path: Path, headers: dict, timm_overrides=None) -> VLAConfig:
         if missing := [k for k in (pos, fc1) if k not in headers]:
             raise CheckpointError(f"{path}: missing tensor {missing[0]}")
         depth = len({k.split(".")[3] for k in headers if k.startswith(prefix + ".blocks.")})
-        v = replace(release, embed_dim=headers[pos][2][-1], depth=depth, mlp_hidden=headers[fc1][2][0],
-                    image_size=size)
+        v = replace(release, embed_dim=headers[pos][2][-1], depth=depth, mlp_hidden=headers[fc1][2][0], image_size=size)
         name = timm_id.split(".")[0]
         heads = expect(overrides.get(name) or {}, dict, file, f"timm_overrides.{name}").get("num_heads")
         heads = expect(heads, (int, type(None)), file, f"timm_overrides.{name}.num_heads")
@@ -322,10 +321,9 @@ def save_pretrained(vla: VLA, path: Path, max_shard_bytes: int):
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700: the checkpoint gets the mode of any new directory
-    dtype = next(vla.parameters()).dtype
     write_weights(vla, tmp, max_shard_bytes)
     dump = lambda name, obj: (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")  # noqa: E731
-    dump("config.json", hf_config(vla.config, str(dtype).removeprefix("torch.")))
+    dump("config.json", hf_config(vla.config, str(next(vla.parameters()).dtype).removeprefix("torch.")))
     dump("generation_config.json", {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
                                     "pad_token_id": vla.config.pad_token_id, "transformers_version": "4.40.1"})
     dump("preprocessor_config.json", hf_preprocessor_config(vla.config))

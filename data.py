@@ -16,7 +16,6 @@ on every rank); the stream is seeded and resumable; the shuffle buffer holds JPE
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
 import inspect
 import itertools
@@ -46,7 +45,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from model import to_pixel_values  # noqa: E402
+from model import DINO_NORM, SIGLIP_NORM, to_pixel_values  # noqa: E402
 from oxe import DATASETS, GRIPPER, MIXTURES  # noqa: E402
 from tokenizer import IGNORE_INDEX, MAX_TEXT_TOKENS, ActionTokenizer, normalize_actions, training_example  # noqa: E402
 
@@ -57,11 +56,8 @@ tfds.disable_progress_bar()
 ACTION_DIM = 7  # every standardized dataset: xyz, roll/pitch/yaw deltas, absolute gripper (1 = open, 0 = closed)
 ACTION_MASK = [True] * 6 + [False]  # EEF_POS: normalize the 6 movement dims, pass the gripper through
 PAD_TOKEN_ID = 32000  # <PAD>, added by OpenVLA after Llama-2's 32000 tokens
-# (mean, std) per vision backbone, as model.py reads them from preprocessor_config.json (bf16-rounded DINOv2 values)
-OPENVLA_IMAGE_NORM = (
-    ((0.484375, 0.455078125, 0.40625), (0.228515625, 0.2236328125, 0.224609375)),  # DINOv2 -> channels 0-2
-    ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SigLIP -> channels 3-5
-)
+# (mean, std) of DINOv2 (channels 0-2) and SigLIP (3-5) as the release's preprocessor_config.json holds them (model.py)
+OPENVLA_IMAGE_NORM = (DINO_NORM, SIGLIP_NORM)
 # The original's image_augment_kwargs (prismatic/vla/datasets/datasets.py), applied in this order
 CROP_SCALE, CROP_RATIO = (0.9, 0.9), (1.0, 1.0)  # always a square of 90% area
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0.2, (0.8, 1.2), (0.8, 1.2), 0.05
@@ -94,15 +90,13 @@ def resolve_mixture(data_mix: str) -> list[tuple[str, float]]:
         if not name or not mix[-1][1] > 0:
             raise DataError(f"data mix {data_mix!r}: {part.strip()!r} needs a dataset name and a weight > 0")
     mix = [(name, w) for i, (name, w) in enumerate(mix) if name not in [n for n, _ in mix[:i]]]  # first one kept
-    missing = [name for name, _ in mix if name not in DATASETS]
-    if missing:
+    if missing := [name for name, _ in mix if name not in DATASETS]:
         raise DataError(f"mixture {data_mix!r}: not supported yet: {', '.join(missing)} (add its oxe.Layout to "
                         f"DATASETS; supported: {sorted(DATASETS)})")
     return mix
 
 
 # Reading RLDS with tensorflow-datasets (no network: the builder is built from the files on disk)
-
 
 def open_dataset(data_root, name: str):
     """The tfds builder of <data_root>/<name>/<latest version>/ (dataset_info.json + features.json + tfrecords)."""
@@ -218,7 +212,6 @@ def _unreadable_file(builder) -> str | None:
 
 # Statistics: one pass over every split, after standardization, before any filter; cached next to the data
 
-
 def quantile(x: np.ndarray, q: float) -> np.ndarray:
     """np.quantile(x, q, axis=0) of float32 columns as numpy 1.26 computed it for the original (numpy 2 returns
     float32): the step between the two neighbours in float32, the linear interpolation in float64."""
@@ -289,7 +282,6 @@ def save_dataset_statistics(norm_stats: dict, path) -> None:
 
 # Images: TF's decoder and resizer, because exact agreement with the original needs them (golden README)
 
-
 def decode_and_resize(image_bytes, size: int):
     """JPEG/PNG bytes -> uint8 (size, size, 3): tf decode (libjpeg fast IDCT), Lanczos-3 with antialias, round, clip."""
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
@@ -324,14 +316,12 @@ def random_resized_crop(x, seed):
     scale = tf.random.stateless_uniform([1], seed, *CROP_SCALE)
     ratio = tf.exp(tf.random.stateless_uniform([1], seed, float(np.log(CROP_RATIO[0])), float(np.log(CROP_RATIO[1]))))
     ch, cw = tf.clip_by_value(tf.sqrt(scale / ratio), 0, 1), tf.clip_by_value(tf.sqrt(scale * ratio), 0, 1)
-    top = tf.random.stateless_uniform([1], seed, 0, 1 - ch)
-    left = tf.random.stateless_uniform([1], seed, 0, 1 - cw)
+    top, left = (tf.random.stateless_uniform([1], seed, 0, 1 - c) for c in (ch, cw))
     box = tf.stack([top, left, top + ch, left + cw], axis=1)  # (1, 4) normalized y1, x1, y2, x2
     return tf.image.crop_and_resize(x[None], box, [0], tf.stack([h, w]))[0]
 
 
 # The training stream
-
 
 class LockedTokenizer:
     """The decode threads share one HF tokenizer, which must not run in two threads at once (shared padding state)."""
@@ -532,7 +522,6 @@ def collate(examples: list[dict], pad_token_id: int = PAD_TOKEN_ID, max_length: 
 
 # Writing RLDS datasets (the demo, tests, your own conversions): a tfds builder over in-memory episodes
 
-
 def write_rlds(data_dir, name: str, features: dict, splits: dict, version: str = "1.0.0") -> Path:
     """Write {split: [episode, ...]} as <data_dir>/<name>/<version>/ in the Open X-Embodiment layout, as the
     rlds_dataset_builder template does; `features` is the tfds FeaturesDict content, each episode matches it."""
@@ -547,8 +536,7 @@ def write_rlds(data_dir, name: str, features: dict, splits: dict, version: str =
             return {split: self._generate_examples(episodes) for split, episodes in splits.items()}
 
         def _generate_examples(self, episodes):
-            for i, episode in enumerate(episodes):
-                yield i, episode
+            yield from enumerate(episodes)
 
     RldsWriter.name = name
     builder = RldsWriter(data_dir=str(data_dir))

@@ -51,14 +51,13 @@ class DemoEnv:
             self.gripper = self.rng.integers(DEMO_GRID, size=2) * DEMO_STEP - 1.0
             if np.abs(self.gripper - self.blocks[self.target]).max() > DEMO_STEP / 2:
                 break
-        self.t, self.instruction = 0, f"move to the {self.colors[self.target]} block"
+        self.instruction = f"move to the {self.colors[self.target]} block"
         return self.render(), self.instruction
 
     def step(self, action):
         """Apply a 7-dim action (unnormalized); returns (image, success)."""
         move = np.clip(np.round(np.asarray(action, np.float64)[:2] / DEMO_STEP), -1, 1) * DEMO_STEP
         self.gripper = np.clip(self.gripper + move, -1.0, 1.0)
-        self.t += 1
         return self.render(), self.success()
 
     def success(self) -> bool:
@@ -71,10 +70,8 @@ class DemoEnv:
 
     def render(self) -> np.ndarray:
         S, cell = self.image_size, DEMO_STEP
-        x = self.gripper[0] / cell + self.px  # table position of each pixel column / row, in cells
-        y = self.gripper[1] / cell + self.px
-        image = np.empty((S, S, 3), np.uint8)
-        image[:] = (200, 180, 145)  # wood
+        x, y = self.gripper[:, None] / cell + self.px  # table position of each pixel column / row, in cells
+        image = np.full((S, S, 3), (200, 180, 145), np.uint8)  # wood
         for color, (bx, by) in zip(self.colors, self.blocks):
             image[np.ix_(np.abs(y - by / cell) < 0.5, np.abs(x - bx / cell) < 0.5)] = DEMO_COLORS[color]
         r = np.hypot(*np.meshgrid(self.px, self.px))
@@ -87,8 +84,7 @@ class DemoEnv:
 
 def demo_episode(env: DemoEnv) -> dict:
     """One expert episode as RLDS steps: observation t, action t; the last step is the closing one."""
-    image, instruction = env.reset()
-    steps = []
+    (image, instruction), steps = env.reset(), []
     while True:
         action = env.expert_action()
         steps.append({"observation": {"image": image, "state": env.state()}, "action": action,

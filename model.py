@@ -23,10 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import oft
-from tokenizer import (
-    IGNORE_INDEX, ActionTokenizer, action_dim, build_prompt, build_text_tokenizer, empty_piece_id, resolve_unnorm_key,
-    unnormalize_actions,
-)
+from tokenizer import (IGNORE_INDEX, ActionTokenizer, action_dim, build_prompt, build_text_tokenizer, empty_piece_id,
+                       resolve_unnorm_key, unnormalize_actions)
 
 
 @dataclass

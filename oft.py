@@ -189,8 +189,7 @@ def embed(vla, pixel_values, input_ids, action_mask, proprio=None):
     """(B, 6 * n_images, S, S), (B, T) right-padded ids, (B, T) bool action positions, (B, p) normalized state or None
     -> LLM input (B, 1 + n_images * P (+1) + T - 1, D): [BOS, patches of each image, proprio token, text[1:]]."""
     B, S = pixel_values.shape[0], pixel_values.shape[-1]
-    views = len(vla.config.image_norm)
-    images = pixel_values.reshape(-1, 3 * views, S, S)  # every camera through the backbone in one batch
+    images = pixel_values.reshape(-1, 3 * len(vla.config.image_norm), S, S)  # every camera through the backbone at once
     patches = vla.projector(vla.vision_backbone(images.to(vla.projector.fc1.weight.dtype)))  # (B * n, P, D)
     patches = patches.reshape(B, -1, patches.shape[-1])  # (B, n * P, D), cameras in input order
     if proprio is not None:
@@ -227,7 +226,7 @@ def predict_chunks(vla, images, instructions, keys, proprio=None, center_crop=Tr
     device = vla.projector.fc1.weight.device
     n_actions = vla.action_head.chunk * vla.action_head.action_dim
     pixel_values = torch.stack([vla.preprocess([prepare_image(i, center_crop) for i in im]).flatten(0, 1)
-                                for im in images])  # (B, 6 * n, S, S): [full DINOv2, full SigLIP, wrist ...]
+                                for im in images]).to(device)  # (B, 6 * n, S, S): [full DINOv2, full SigLIP, wrist ...]
     prompts = [vla.prompt_ids(s) + [PLACEHOLDER_ID] * n_actions + [STOP_ID] for s in instructions]
     T = max(len(p) for p in prompts)
     ids = torch.tensor([p + [vla.config.pad_token_id] * (T - len(p)) for p in prompts], device=device)
@@ -238,8 +237,7 @@ def predict_chunks(vla, images, instructions, keys, proprio=None, center_crop=Tr
     if proprio is not None:
         proprio = torch.tensor(np.stack([normalize_proprio(s, vla.norm_stats[k]["proprio"])
                                          for s, k in zip(proprio, keys)]), dtype=torch.float32, device=device)
-    normalized = forward(vla, pixel_values.to(device), ids, attention_mask, action_mask, proprio)[0]
-    normalized = normalized.float().cpu().numpy()
+    normalized = forward(vla, pixel_values, ids, attention_mask, action_mask, proprio)[0].float().cpu().numpy()
     return np.stack([unnormalize_chunk(a, vla.norm_stats[k]["action"]) for a, k in zip(normalized, keys)])
 
 

@@ -78,7 +78,6 @@ def euler_from_quaternion(q: np.ndarray) -> np.ndarray:
 
 # Per-dataset functions, (steps, standardized) -> standardized, only where a dataset is not just data
 
-
 def bridge_relabel(steps, out):
     """BridgeData V2 (bridge_orig_dataset_transform + relabel_bridge_actions): step 0's all-zero action is dropped,
     movement = next state - this state (Euler angles subtracted without wrapping), the last step is dropped: T - 2
@@ -197,10 +196,7 @@ DATASETS = {
     "droid": Layout(image=("exterior_image_1_left", "exterior_image_2_left"), keep=droid_moves,
                     movement=("action_dict/cartesian_velocity",), gripper=("1-x", "action_dict/gripper_position"),
                     proprio=("observation/cartesian_position", "observation/gripper_position")),
-    "libero_spatial_no_noops": LIBERO,
-    "libero_object_no_noops": LIBERO,
-    "libero_goal_no_noops": LIBERO,
-    "libero_10_no_noops": LIBERO,
+    **{f"libero_{s}_no_noops": LIBERO for s in ("spatial", "object", "goal", "10")},
     "nanovla_demo": Layout(gripper=("x", "action[6]"), proprio=(S,)),  # demo.py: already standard
 }
 

@@ -127,8 +127,7 @@ def build_text_tokenizer() -> TextTokenizer:
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     ascii_chars = [chr(c) for c in range(33, 127)]  # printable ASCII after "▁" at 29871, as in Llama-2's layout
     fixed = {29871: EMPTY_PIECE, **{29872 + i: ch for i, ch in enumerate(ascii_chars)}}
     filler = (chr(c) for c in list(range(0x4E00, 0xA000)) + list(range(0xAC00, 0xD7A4)))  # CJK, then Hangul
@@ -136,9 +135,8 @@ def build_text_tokenizer() -> TextTokenizer:
         vocab[fixed[i] if i in fixed else next(filler)] = i
     tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend(EMPTY_PIECE), normalizers.Replace(" ", EMPTY_PIECE)])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace(EMPTY_PIECE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace(EMPTY_PIECE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", PAD_TOKEN)])

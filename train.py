@@ -182,8 +182,7 @@ def setup_distributed():
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         # CPU: the cores shared among this machine's ranks, one left for TF's decode (oversubscribed OpenMP spins)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world - 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
     return dist.get_rank(), dist.get_world_size(), device
 
 
