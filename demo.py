@@ -1,4 +1,4 @@
-"""The demo task: reach the named block on a table top, seen by a wrist camera, drawn with numpy.
+"""The demo task: reach the named block on a table top, seen by a wrist camera (and a second one), drawn with numpy.
 
     python demo.py --data-dir demo_data      # write it as the RLDS dataset demo_data/nanovla_demo/1.0.0
     python train.py                          # writes it into runs/demo_data (once) and trains on it
@@ -82,13 +82,20 @@ class DemoEnv:
         return self.gripper.astype(np.float32)
 
 
+def second_view(image: np.ndarray) -> np.ndarray:
+    """The second camera (OFT's wrist slot): the same view from a camera turned a quarter, so the table's x axis runs
+    down its rows. Without it the tiny OFT demo, trained from scratch, learns dy and never dx: its patches reach the
+    LLM row by row, its ViT position embeddings carry little, and RoPE's 1-D positions tell rows apart, not columns."""
+    return np.ascontiguousarray(np.rot90(image))
+
+
 def demo_episode(env: DemoEnv) -> dict:
     """One expert episode as RLDS steps: observation t, action t; the last step is the closing one."""
     (image, instruction), steps = env.reset(), []
     while True:
         action = env.expert_action()
-        steps.append({"observation": {"image": image, "state": env.state()}, "action": action,
-                      "language_instruction": instruction, "reward": 0.0, "discount": 1.0,
+        steps.append({"observation": {"image": image, "wrist_image": second_view(image), "state": env.state()},
+                      "action": action, "language_instruction": instruction, "reward": 0.0, "discount": 1.0,
                       "is_first": not steps, "is_last": False, "is_terminal": False})
         if action[-1] == 0.0:  # closed on the target
             break
@@ -109,7 +116,8 @@ def make_demo(data_dir, episodes: int = DEMO_EPISODES, seed: int = 0, image_size
     F = tfds.features
     image = F.Image(shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="png")  # flat colours: lossless
     features = {"steps": F.Dataset({
-        "observation": F.FeaturesDict({"image": image, "state": F.Tensor(shape=(2,), dtype=np.float32)}),
+        "observation": F.FeaturesDict({"image": image, "wrist_image": image,
+                                       "state": F.Tensor(shape=(2,), dtype=np.float32)}),
         "action": F.Tensor(shape=(ACTION_DIM,), dtype=np.float32), "language_instruction": F.Text(),
         "reward": F.Scalar(dtype=np.float32), "discount": F.Scalar(dtype=np.float32),
         **{k: F.Scalar(dtype=np.bool_) for k in ("is_first", "is_last", "is_terminal")}})}

@@ -197,7 +197,7 @@ DATASETS = {
                     movement=("action_dict/cartesian_velocity",), gripper=("1-x", "action_dict/gripper_position"),
                     proprio=("observation/cartesian_position", "observation/gripper_position")),
     **{f"libero_{s}_no_noops": LIBERO for s in ("spatial", "object", "goal", "10")},
-    "nanovla_demo": Layout(gripper=("x", "action[6]"), proprio=(S,)),  # demo.py: already standard
+    "nanovla_demo": Layout(gripper=("x", "action[6]"), proprio=(S,), wrist="wrist_image"),  # demo.py: already standard
 }
 
 # The original's OXE_NAMED_MIXTURES (oxe/mixtures.py) as "name:weight, ..." (what --data-mix also takes), weights

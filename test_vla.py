@@ -998,6 +998,9 @@ def test_data_demo_world_rlds_and_closed_loop(tmp_path, fixture_tokenizer):
     assert all(f["image"].shape == (224, 224, 3) and f["instruction"].startswith("move to the ") for f in frames)
     tokens = np.stack([ds.action_tokenizer.encode(f["action"]) for f in frames])
     assert set(np.unique(tokens[:, :2])) <= {31999, 31872, 31745, 31744} and (tokens[:, 2:6] == 31872).all()
+    wrist = data.RLDSDataset(tmp_path, "nanovla_demo", fixture_tokenizer, train=False, split="train",
+                             shuffle_buffer_size=0, wrist=True)  # the second camera: the same view, turned a quarter
+    assert all(np.array_equal(f["wrist_image"], np.rot90(f["image"])) for f in itertools.islice(wrist.frames(), 5))
     assert demo.demo_success_rate(_pixel_expert, episodes=20) == 1.0  # solvable from image + instruction alone
     assert demo.demo_success_rate(lambda image, instruction, state: np.zeros(7), episodes=20) == 0.0
 
@@ -1454,7 +1457,9 @@ def test_oft_train_and_lora_finetune_l1_resume_export(train_demo, tmp_path):
     assert (vla.action_head.chunk, vla.proprio_projector.fc1.in_features) == (2, 2)  # the demo's state: (x, y)
     env = demo.DemoEnv(seed=3)
     image, instruction = env.reset()
-    chunk = vla.predict_action(image, instruction, unnorm_key="nanovla_demo", proprio=env.state())
+    cameras = [image, demo.second_view(image)]  # the demo's OFT twin reads its second camera by default
+    assert json.loads((tmp_path / "oft" / "train_config.json").read_text())["wrist"] is True
+    chunk = vla.predict_action(cameras, instruction, unnorm_key="nanovla_demo", proprio=env.state())
     assert chunk.shape == (2, 7) and np.isfinite(chunk).all()
     f = finetune.main(replace(finetune.FINETUNE, init_from=FIXTURE, data_root=train_demo, run_dir=tmp_path / "ft",
                               per_device_batch_size=4, image_aug=False, shuffle_buffer_size=64,
@@ -1463,7 +1468,7 @@ def test_oft_train_and_lora_finetune_l1_resume_export(train_demo, tmp_path):
                for n, p in f["model"].named_parameters() if p.requires_grad}
     assert trained == {"lora_A", "lora_B", *oft.HEADS}
     merged = VLA.from_pretrained(tmp_path / "ft" / "merged")
-    assert merged.action_head.chunk == 2 and merged.predict_action(image, instruction, "nanovla_demo",
+    assert merged.action_head.chunk == 2 and merged.predict_action(cameras, instruction, "nanovla_demo",
                                                                   proprio=env.state()).shape == (2, 7)
 
 

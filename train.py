@@ -113,8 +113,9 @@ class TrainConfig:
     """tokens: OpenVLA's autoregressive action tokens; l1: OFT's chunk from one bidirectional pass, MLP head, L1"""
     chunk: int | None = None
     """actions per chunk with action-head l1 (OFT's NUM_ACTIONS_CHUNK, 8 for LIBERO); None: the recipe's"""
-    wrist: bool = False
-    """with action-head l1: the wrist camera as a second image (the dataset's oxe.Layout names it)"""
+    wrist: bool | None = None
+    """with action-head l1: the wrist camera as a second image (the dataset's oxe.Layout names it); None: on for the
+    demo (its second camera, demo.second_view), off elsewhere"""
     proprio: bool = True
     """with action-head l1: the robot state, normalized, as one more input token (OFT's use_proprio)"""
 
@@ -139,6 +140,8 @@ def resolve(config: TrainConfig, world: int) -> tuple[TrainConfig, int]:
     if config.action_head == "l1" and config.run_dir == TrainConfig.run_dir:  # the demo's OFT twin, beside it
         config = replace(config, run_dir=Path("runs/demo-oft"))
         recipe = {**recipe, "export_dir": Path("checkpoints/demo-oft")}
+    if config.wrist is None:
+        config = replace(config, wrist=config.action_head == "l1" and config.data_mix == "nanovla_demo")
     if config.action_head == "tokens" and config.wrist:
         raise ValueError("--config.wrist needs --config.action-head l1 (OpenVLA's token head reads one image)")
     fill = {k: v for k, v in recipe.items() if getattr(config, k) is None and not (k == "epochs" and config.max_steps)}
@@ -491,7 +494,7 @@ def main(config: TrainConfig, adapt=None, merge=None) -> dict:
         if config.data_mix == "nanovla_demo" and config.eval_episodes:
             result["heldout"] = heldout(path, config)
             print("held-out (validation split): " + ", ".join(f"{k} {v:.4f}" for k, v in result["heldout"].items()))
-            result["success_rate"], speed = demo_success(path, config.eval_episodes)
+            result["success_rate"], speed = demo_success(path, config.eval_episodes, wrist=config.wrist)
             print(f"closed-loop success {result['success_rate']:.0%} over {config.eval_episodes} demo episodes, "
                   f"{speed:.1f} actions/s")
             if l1 and ((token_demo := RECIPES["tiny"]["export_dir"]) / "config.json").exists():  # the AR demo policy
@@ -525,7 +528,7 @@ def heldout(path: Path, config: TrainConfig) -> dict:
     return metrics if vla.action_head is None else {"l1_loss": metrics["l1_loss"]}
 
 
-def demo_success(path: Path, episodes: int, mirrored: bool = False) -> tuple[float, float]:
+def demo_success(path: Path, episodes: int, mirrored: bool = False, wrist: bool = False) -> tuple[float, float]:
     """Closed-loop success in the demo world (demo.py) of the checkpoint at path, loaded as serve.py loads it, and
     the policy's actions per second (an OFT chunk counts each of its actions)."""
     vla, clock = VLA.from_pretrained(path, dtype=torch.float32), [0.0, 0]
@@ -533,7 +536,8 @@ def demo_success(path: Path, episodes: int, mirrored: bool = False) -> tuple[flo
     def policy(image, instruction, state):
         start = time.perf_counter()
         proprio = None if vla.proprio_projector is None else [state]  # OFT: no center crop, the demo trains uncropped
-        action = vla.predict_actions([image], [instruction], "nanovla_demo", proprio, center_crop=False)[0]
+        cameras = [image, demo.second_view(image)] if wrist else image
+        action = vla.predict_actions([cameras], [instruction], "nanovla_demo", proprio, center_crop=False)[0]
         clock[0], clock[1] = clock[0] + time.perf_counter() - start, clock[1] + len(np.atleast_2d(action))
         return action
     return demo.demo_success_rate(policy, episodes=episodes, mirrored=mirrored), clock[1] / max(clock[0], 1e-9)
