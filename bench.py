@@ -1,14 +1,6 @@
 """Measured figures, each printed as a ratio against a baseline measured in the same run, with the machine.
 
-    python bench.py infer                 # predict_action vs the module floor, batching, from_pretrained memory
-    python bench.py infer --config.skip-mid   # tiny fixture only (seconds)
-    python bench.py train                 # training samples/s and peak memory, activation checkpointing on vs off
-    python bench.py finetune              # LoRA vs full fine-tuning: peak memory and step time
-    python bench.py serve                 # serve.py req/s, p50/p99 at 1/4/16 clients, batched vs one-at-a-time
-    python bench.py serve --config.skip-mid   # tiny fixture only (seconds)
-    python bench.py data                  # 5-dataset OXE mixture frames/s vs raw tfds reads, RSS vs shuffle buffer
-
-Sub-commands per pipeline stage; each takes one dataclass config (`--config.field-name`).
+    python bench.py {infer,serve,data,train,finetune}   # --help: what each measures; --config.skip-mid: tiny only
 """
 
 import base64
@@ -27,50 +19,51 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import json_numpy
 import numpy as np
 import torch
+import tyro
 from PIL import Image
+
+import oft
+from model import CONFIGS, VLA, KVCache, LlamaConfig
 
 ROOT = Path(__file__).resolve().parent
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "openvla-tiny"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]  # Linux
+    cpu = names[0] if names else platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
 
 
-def timeit(fn, reps: int, warmup: int = 1) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def timeit(*fns, reps: int) -> list[float]:
+    """Median seconds per call of each fn (after a warm-up call each), timed alternately: other load hits all alike."""
+    [fn() for fn in fns]
+    times = [[] for _ in fns]
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
-def timeit_pair(fn_a, fn_b, reps: int) -> tuple[float, float]:
-    """Median seconds per call of two functions timed alternately, so load from other processes hits both alike."""
-    fn_a(), fn_b()
-    a, b = [], []
-    for _ in range(reps):
-        a.append(timeit(fn_a, 1, warmup=0))
-        b.append(timeit(fn_b, 1, warmup=0))
-    return statistics.median(a), statistics.median(b)
+def proc_status(field: str, pid="self") -> int:
+    """Bytes of VmRSS or VmHWM (the peak; getrusage's survives fork + exec: a child's is its parent's) of a process."""
+    return next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith(field)) * 1024
+
+
+def fresh_process(code: str, *args: str) -> dict | None:
+    """Run code in a fresh Python process (peak memory is per process) -> its last line's JSON or None (error shown)."""
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
+    return print(out.stderr[-3000:]) if out.returncode else json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def report(name: str, value: float, unit: str, baseline_name: str, baseline: float):
@@ -78,18 +71,13 @@ def report(name: str, value: float, unit: str, baseline_name: str, baseline: flo
           f"ratio {value / baseline:.3f}x")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# infer
-
+# ---- infer -----------------------------------------------------------------------------------------------------------
 
 @dataclass
 class InferConfig:
-    reps: int = 5
-    """timed repetitions per figure (median reported); the mid config uses max(1, reps // 3)"""
-    skip_mid: bool = False
-    """skip the mid config (real-size ViTs + ~1B LLM: seconds per action on a 2-core CPU)"""
-    skip_memory: bool = False
-    """skip the 1.1 GB checkpoint's load time and peak RSS (writes it to a temp dir)"""
+    reps: int = 5  # timed repetitions per figure (median reported); the mid config uses max(1, reps // 3)
+    skip_mid: bool = False  # skip the mid config (real-size ViTs + ~1B LLM: seconds per action on a 2-core CPU)
+    skip_memory: bool = False  # skip the 1.1 GB checkpoint's load time and peak RSS (writes it to a temp dir)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -97,8 +85,6 @@ class InferConfig:
 def module_floor(vla, pixel_values, prompt_ids, n_tokens):
     """The work predict_action cannot avoid, calling the modules directly: vision + projector once, one prefill,
     n_tokens - 1 cached one-token steps (the last token needs no further step)."""
-    from model import KVCache
-
     llm, cfg = vla.language_model, vla.config.llm
     x = vla.embed(pixel_values, torch.tensor([prompt_ids], device=pixel_values.device))
     L = x.shape[1]
@@ -119,8 +105,8 @@ def bench_predict(name, vla, reps, device, frame=(224, 224)):
     key, instruction = sorted(vla.norm_stats)[0], "pick up the cup"
     pixel_values = vla.preprocess([image]).to(device=device, dtype=next(vla.parameters()).dtype)
     prompt = vla.prompt_ids(instruction)
-    floor, full = timeit_pair(lambda: module_floor(vla, pixel_values, prompt, 7),
-                              lambda: vla.predict_action(image, instruction, key), reps)
+    floor, full = timeit(lambda: module_floor(vla, pixel_values, prompt, 7),
+                         lambda: vla.predict_action(image, instruction, key), reps=reps)
     report(f"{name}: predict_action, {frame[1]}x{frame[0]} frame", full * 1e3, "ms", "module floor", floor * 1e3)
 
 
@@ -129,8 +115,8 @@ def bench_batch(name, vla, reps, batch=8):
     images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
     texts = [f"pick up the {w} cup" for w in ["red", "blue", "green", "big", "small", "left", "right", "tall"]][:batch]
     key = sorted(vla.norm_stats)[0]
-    sequential, batched = timeit_pair(lambda: [vla.predict_action(i, t, key) for i, t in zip(images, texts)],
-                                      lambda: vla.predict_actions(images, texts, key), reps)
+    sequential, batched = timeit(lambda: [vla.predict_action(i, t, key) for i, t in zip(images, texts)],
+                                 lambda: vla.predict_actions(images, texts, key), reps=reps)
     report(f"{name}: actions/s at batch {batch}", batch / batched, "act/s", f"{batch} sequential calls",
            batch / sequential)
 
@@ -138,8 +124,6 @@ def bench_batch(name, vla, reps, batch=8):
 def bench_oft(name, vla, reps, batch):
     """OFT's chunk of 8 from one bidirectional forward (action head + proprio token, the same weights otherwise) vs
     OpenVLA's 7 autoregressive tokens per action: actions/s of predict_actions at this batch."""
-    import oft
-
     rng, D, key = np.random.default_rng(2), vla.config.llm.hidden_size, sorted(vla.norm_stats)[0]
     images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
     texts, states = ["pick up the cup"] * batch, [np.zeros(7)] * batch  # the fixture's stats: 7-dim proprio
@@ -150,14 +134,12 @@ def bench_oft(name, vla, reps, batch):
     def run(use_heads):
         vla.action_head, vla.proprio_projector = heads if use_heads else (None, None)
         return vla.predict_actions(images, texts, key, states if use_heads else None)
-    tokens, chunks = timeit_pair(lambda: run(False), lambda: run(True), reps)
+    tokens, chunks = timeit(lambda: run(False), lambda: run(True), reps=reps)
     run(False)  # the model as it came
     report(f"{name}: OFT actions/s at batch {batch}", batch * oft.CHUNK / chunks, "act/s", "autoregressive",
            batch / tokens)
 
 
-# A fresh process (after `import torch`) times one load, imports it triggers included, and reports its peak-RSS growth
-# (VmHWM, not getrusage: Linux carries ru_maxrss across fork + exec, so a child would report the parent's peak).
 LOAD_PROBE = """
 import glob, json, sys, time, torch
 hwm = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024
@@ -179,9 +161,7 @@ def bench_load(name, path, reps):
     runs = {"plain": [], "ours": []}
     for _ in range(reps + 1):  # the first pair warms the page cache
         for how in runs:
-            out = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(path), how], cwd=ROOT, capture_output=True,
-                                 text=True, check=True)
-            runs[how].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[how].append(fresh_process(LOAD_PROBE, str(path), how))
     plain, ours = (statistics.median(r["s"] for r in runs[how][1:]) for how in ("plain", "ours"))
     report(f"{name}: from_pretrained, first in a process", ours * 1e3, "ms", "plain safetensors load", plain * 1e3)
     return max(r["grown"] for r in runs["ours"])
@@ -189,12 +169,7 @@ def bench_load(name, path, reps):
 
 def infer(config: InferConfig):
     """predict_action latency vs the module floor; batch-8 throughput vs sequential; load time and peak RSS."""
-    from dataclasses import replace
-
-    from model import CONFIGS, VLA, LlamaConfig
-
-    print(f"machine: {machine()}")
-    print("tiny fixture (../shared/fixtures/openvla-tiny), fp32:")
+    print(f"machine: {machine()}\ntiny fixture (../shared/fixtures/openvla-tiny), fp32:")
     bench_load("tiny bf16", FIXTURE, config.reps)
     tiny = VLA.from_pretrained(FIXTURE, dtype=torch.float32, device=config.device)
     bench_predict("tiny fp32", tiny, config.reps, config.device)
@@ -218,18 +193,14 @@ def infer(config: InferConfig):
         # ~0.54B parameters in bf16 = ~1.07 GB: tiny ViTs, an 8-layer 2048-wide Llama
         cfg = replace(CONFIGS["tiny"], llm=LlamaConfig(32064, 2048, 5504, 8, 16))
         with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
-            big = VLA.build(cfg, dtype=torch.bfloat16)
-            big.save_pretrained(Path(tmp) / "ckpt", max_shard_bytes=512 * 2**20)
-            del big
+            VLA.build(cfg, dtype=torch.bfloat16).save_pretrained(Path(tmp) / "ckpt", max_shard_bytes=512 * 2**20)
             size = sum(f.stat().st_size for f in (Path(tmp) / "ckpt").glob("*.safetensors"))
             print(f"a {size / 1e9:.2f} GB bf16 checkpoint (3 shards), fresh processes:")
             grown = bench_load("1.1 GB bf16", Path(tmp) / "ckpt", max(1, config.reps // 2))
             report("peak RSS growth during from_pretrained", grown / 1e9, "GB", "checkpoint size", size / 1e9)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# serve
-
+# ---- serve -----------------------------------------------------------------------------------------------------------
 
 @dataclass
 class ServeBenchConfig:
@@ -303,9 +274,8 @@ def bench_abuse(config: ServeBenchConfig):
     Image.new("RGB", (1920, 1080)).save(png := io.BytesIO(), format="PNG")  # 6 KB that decode to 6 MB
     big = {"json_numpy 1920x1080": np.zeros((1080, 1920, 3), np.uint8), "PNG 1920x1080": base64.b64encode(
         png.getvalue()).decode(), "nested lists 256x256": [[[0] * 3] * 256] * 256}  # the largest each form may send
-    hwm = lambda pid: next(int(l.split()[1]) // 1024 for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM"))
     kids = lambda: open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()  # its decoder process
-    peak = lambda: sum(map(hwm, [proc.pid, *kids()]))  # each process's peak, summed: a bound on what it held
+    peak = lambda: sum(proc_status("VmHWM", p) for p in [proc.pid, *kids()]) // 2**20  # summed peaks: a bound
     alone = np.median(serve_load(port, 1, 40, bodies)[0]) * 1e3
     print(f"  a normal client alone: p50 {alone:.1f} ms, server peak RSS {peak()} MB")
     for kind, image in big.items():
@@ -331,7 +301,6 @@ def serve_bench(config: ServeBenchConfig):
     print("tiny fixture, one normal client among clients sending maximum-size bodies:")
     bench_abuse(config)
     if not config.skip_mid:
-        from model import VLA
         print("mid config (real-size DINOv2-L + SigLIP-So400m, ~1B Llama-shaped LLM, random weights), bfloat16:")
         with tempfile.TemporaryDirectory(dir=ROOT) as tmp:  # serve.py loads checkpoints: a random-weight one, 3.6 GB
             mid = VLA.build("mid", dtype=torch.bfloat16)
@@ -341,24 +310,15 @@ def serve_bench(config: ServeBenchConfig):
             bench_serving("mid", Path(tmp) / "mid", "bfloat16", config, config.mid_requests)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# data
-
+# ---- data ------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class DataBenchConfig:
-    datasets: tuple[str, ...] = ("fractal20220817_data", "taco_play", "viola",
-                                 "furniture_bench_dataset_converted_externally_to_rlds", "droid")
-    """OXE fixture datasets (shared/data/oxe/rlds) mixed with their oxe_magic_soup_plus weights"""
-    frames: int = 640
-    """frames timed per figure, after a warm-up batch that fills the shuffle buffer"""
+    datasets: tuple[str, ...] = ("fractal20220817_data", "taco_play", "viola",  # shared/data/oxe/rlds, mixed with
+                                 "furniture_bench_dataset_converted_externally_to_rlds", "droid")  # their OXE weights
+    frames: int = 640  # frames timed per figure, after a warm-up batch that fills the shuffle buffer
     batch_size: int = 16
-    rss_buffers: tuple[int, ...] = (1_000, 10_000, 100_000)
-    """shuffle-buffer sizes (frames) whose resident memory is measured, one fresh process (= one rank) each"""
-
-
-def rss_mb() -> float:
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+    rss_buffers: tuple[int, ...] = (1_000, 10_000, 100_000)  # shuffle buffers (frames) to measure RSS of, one rank each
 
 
 def data_rss_probe(root: str, mix: str, buffer: int):
@@ -367,9 +327,9 @@ def data_rss_probe(root: str, mix: str, buffer: int):
     from tokenizer import build_text_tokenizer
 
     ds = data.RLDSDataset(root, mix, build_text_tokenizer(), shuffle_buffer_size=buffer)
-    stream, before = ds._stream(np.random.default_rng(0)), rss_mb()
+    stream, before = ds._stream(np.random.default_rng(0)), proc_status("VmRSS") / 2**20
     next(stream)  # the first output comes once the buffer holds `buffer` encoded frames
-    print(json.dumps({"before": before, "after": rss_mb()}))
+    print(json.dumps({"before": before, "after": proc_status("VmRSS") / 2**20}))
 
 
 def data_bench(config: DataBenchConfig):
@@ -401,40 +361,24 @@ def data_bench(config: DataBenchConfig):
         report(f"{len(config.datasets)}-dataset mixture frames/s, augmentation {'on' if aug else 'off'}",
                frames / (time.perf_counter() - t), "frames/s", "raw tfds steps/s", raw)
     for buffer in config.rss_buffers:
-        probe = f"import bench; bench.data_rss_probe({str(root)!r}, {mix!r}, {buffer})"
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            print(out.stderr[-2000:])
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        report(f"RSS growth per rank, shuffle buffer {buffer} frames (process {r['after']:.0f} MB)",
-               r["after"] - r["before"], "MB", "the original's decoded 224 px frames", buffer * 224 * 224 * 3 / 2**20)
+        if r := fresh_process(f"import bench; bench.data_rss_probe({str(root)!r}, {mix!r}, {buffer})"):
+            report(f"RSS growth per rank, shuffle buffer {buffer} frames (process {r['after']:.0f} MB)",
+                   r["after"] - r["before"], "MB", "the original's decoded 224 px frames", buffer * 224**2 * 3 / 2**20)
     shutil.rmtree(root, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# train and finetune
-
+# ---- train and finetune ----------------------------------------------------------------------------------------------
 
 @dataclass
 class TrainBenchConfig:
-    steps: int = 3
-    """timed steps per setting (after one warm-up step); the median is reported"""
-    model: str = "mid-train"
-    """the realistic size: mid-train (mid widths, fewer layers, ~500M parameters), or openvla-7b (GPU)"""
-    batch: int = 4
-    """per-device batch of that model (tiny runs the demo's 16)"""
-    skip_mid: bool = False
-    """train: the tiny model only (the mid-train one takes a few minutes on a 2-core CPU)"""
+    steps: int = 3  # timed steps per setting (after one warm-up step); the median is reported
+    model: str = "mid-train"  # the realistic size: mid-train (mid widths, fewer layers, ~500M params), openvla-7b (GPU)
+    batch: int = 4  # per-device batch of that model (tiny runs the demo's 16)
+    skip_mid: bool = False  # train: the tiny model only (the mid-train one takes a few minutes on a 2-core CPU)
 
 
 def mid_train_config():
-    """model.py's mid widths (ViT-L + So400m ViTs, a 2048-wide Llama) with depths cut to 6 / 6 / 4 so that fp32 master
-    weights + AdamW state (16 bytes per parameter, ~500M parameters) fit a 24 GB CPU machine."""
-    from dataclasses import replace
-
-    from model import CONFIGS
-
+    """model.py's mid widths, depths cut to 6 / 6 / 4: fp32 weights + AdamW (16 B x ~500M parameters) fit in 24 GB."""
     mid = CONFIGS["mid"]
     return replace(mid, vision=[replace(v, depth=6) for v in mid.vision], llm=replace(mid.llm, num_hidden_layers=4))
 
@@ -445,9 +389,7 @@ def train_probe(model: str, batch: int, steps: int, checkpointing: bool, lora: b
     (7 actions + EOS); head: OFT's instead (L1 head, proprio token, a chunk of 8 x 7 action tokens + EOS).
     Prints {samples_per_s, peak_gb, params, trained}."""
     import finetune
-    import oft
     import train
-    from model import CONFIGS, VLA
 
     _, world, device = train.setup_distributed()
     with torch.device("meta"):
@@ -476,24 +418,22 @@ def train_probe(model: str, batch: int, steps: int, checkpointing: bool, lora: b
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = timeit(step, reps=steps)
-    # VmHWM: this process's peak resident memory (a fresh process, so not the parent's, as ru_maxrss would be)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
-            int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM"))) * 1024)
+    seconds, = timeit(step, reps=steps)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else proc_status("VmHWM")
     print(json.dumps({"samples_per_s": batch / seconds, "peak_gb": peak / 2**30,
                       "params": sum(p.numel() for p in vla.parameters()), "trained": sum(p.numel() for p in params)}))
 
 
 def run_probes(model, batch, steps, settings) -> list[dict] | None:
     """bench.train_probe(model, batch, steps, checkpointing, lora, head) per setting, each in a fresh process."""
-    runs = []
-    for setting in settings:
-        call = f"import bench; bench.train_probe({model!r}, {batch}, {steps}, *{setting})"
-        out = subprocess.run([sys.executable, "-c", call], cwd=ROOT, capture_output=True, text=True)
-        if out.returncode:
-            return print(out.stderr[-3000:])
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return runs
+    runs = [fresh_process(f"import bench; bench.train_probe({model!r}, {batch}, {steps}, *{s})") for s in settings]
+    return None if None in runs else runs
+
+
+def compare(name: str, run: dict, what: str, baseline: dict, baseline_name: str):
+    """Two train_probe settings: samples/s and peak memory of one against the other."""
+    report(f"{name}: samples/s, {what}", run["samples_per_s"], "samples/s", baseline_name, baseline["samples_per_s"])
+    report(f"{name}: peak memory, {what}", run["peak_gb"], "GB", baseline_name, baseline["peak_gb"])
 
 
 def train_bench(config: TrainBenchConfig):
@@ -502,30 +442,20 @@ def train_bench(config: TrainBenchConfig):
     for model, batch in [("tiny", 16)] + ([] if config.skip_mid else [(config.model, config.batch)]):
         if runs := run_probes(model, batch, config.steps, [(False, False), (True, False)]):
             (plain, ckpt), name = runs, f"{model} ({runs[0]['params'] / 1e6:.0f}M params, batch {batch})"
-            report(f"{name}: samples/s, checkpointing off", plain["samples_per_s"], "samples/s", "checkpointing on",
-                   ckpt["samples_per_s"])
-            report(f"{name}: peak memory, checkpointing on", ckpt["peak_gb"], "GB", "checkpointing off",
-                   plain["peak_gb"])
+            compare(name, ckpt, "checkpointing on", plain, "checkpointing off")
 
 
 def finetune_bench(config: TrainBenchConfig):
-    """LoRA vs full fine-tuning of the same model (both with activation checkpointing), and LoRA + OFT's L1 head vs
-    LoRA alone: step time and peak memory."""
+    """Step time and peak memory: LoRA vs full fine-tuning (checkpointing both), LoRA + OFT's L1 head vs LoRA alone."""
     print(f"bench finetune on {machine()}")
     if runs := run_probes(config.model, config.batch, config.steps, [(True, True), (True, False), (True, True, True)]):
         (lora, full, head), name = runs, f"{config.model} batch {config.batch}"
         name += f" (LoRA trains {lora['trained'] / 1e6:.1f}M, full {full['trained'] / 1e6:.0f}M)"
-        report(f"{name}: peak memory, LoRA", lora["peak_gb"], "GB", "full fine-tuning", full["peak_gb"])
-        report(f"{name}: samples/s, LoRA", lora["samples_per_s"], "samples/s", "full fine-tuning",
-               full["samples_per_s"])
+        compare(name, lora, "LoRA", full, "full fine-tuning")
         name = f"{config.model} batch {config.batch} (LoRA + OFT heads train {head['trained'] / 1e6:.1f}M)"
-        report(f"{name}: peak memory, LoRA + L1 head", head["peak_gb"], "GB", "LoRA alone", lora["peak_gb"])
-        report(f"{name}: samples/s, LoRA + L1 head", head["samples_per_s"], "samples/s", "LoRA alone",
-               lora["samples_per_s"])
+        compare(name, head, "LoRA + L1 head", lora, "LoRA alone")
 
 
 if __name__ == "__main__":
-    import tyro
-
     tyro.extras.subcommand_cli_from_dict({"infer": infer, "serve": serve_bench, "data": data_bench,
                                           "train": train_bench, "finetune": finetune_bench})
